@@ -1,0 +1,1 @@
+"""BentoML serving of the audited image classifier."""
