@@ -121,7 +121,9 @@ class Dataset:
             got = parent._loader(rows[sub_rows])
             position = {int(r): i for i, r in enumerate(rows[sub_rows])}
             local = np.array([sub_rows[position[int(r)]] for r in got.rows], np.int64)
-            skipped = {int(sub_rows[position[r]]): why for r, why in got.skipped.items()}
+            skipped = {
+                int(sub_rows[position[r]]): why for r, why in got.skipped.items()
+            }
             return LoadedImages(local, got.images, skipped)
 
         digest = hashlib.sha256(self.fingerprint.encode() + rows.tobytes())
@@ -155,7 +157,9 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[:4], "big")
     if magic >> 8 != 0x08:
-        raise DatasetError(f"{path} is not an unsigned-byte idx file (magic {magic:#x})")
+        raise DatasetError(
+            f"{path} is not an unsigned-byte idx file (magic {magic:#x})"
+        )
     ndim = magic & 0xFF
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
@@ -209,7 +213,9 @@ def mnist(split: str = "test") -> Dataset:
         return LoadedImages(rows, batch)
 
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
-    return Dataset(f"mnist-{split}", table, MNIST_CLASS_NAMES, (28, 28, 1), loader, digest)
+    return Dataset(
+        f"mnist-{split}", table, MNIST_CLASS_NAMES, (28, 28, 1), loader, digest
+    )
 
 
 def array_dataset(name, images, labels, class_names, attributes=None) -> Dataset:
@@ -348,7 +354,9 @@ def manifest_dataset(
             except FileNotFoundError:
                 skipped[int(r)] = f"image file {table['path'].iloc[r]!r} is missing"
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                skipped[int(r)] = f"image file {table['path'].iloc[r]!r} is unreadable: {e}"
+                skipped[int(r)] = (
+                    f"image file {table['path'].iloc[r]!r} is unreadable: {e}"
+                )
             except ValueError as e:
                 skipped[int(r)] = f"image file {table['path'].iloc[r]!r}: {e}"
         empty = np.zeros((0, *image_shape), np.float32)
