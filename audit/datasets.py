@@ -118,18 +118,33 @@ class Dataset:
         parent = self
 
         def loader(sub_rows):
-            got = parent._loader(rows[sub_rows])
-            position = {int(r): i for i, r in enumerate(rows[sub_rows])}
-            local = np.array([sub_rows[position[int(r)]] for r in got.rows], np.int64)
-            skipped = {
-                int(sub_rows[position[r]]): why for r, why in got.skipped.items()
-            }
-            return LoadedImages(local, got.images, skipped)
+            asked = rows[sub_rows]
+            got = parent._loader(asked)
+            # got.rows is ``asked`` in order with the skipped rows left out.
+            kept, skipped, position = [], {}, 0
+            for local, parent_row in zip(sub_rows, asked, strict=True):
+                in_got = position < len(got.rows) and got.rows[position] == parent_row
+                if in_got:
+                    kept.append(int(local))
+                    position += 1
+                else:
+                    skipped[int(local)] = got.skipped[int(parent_row)]
+            return LoadedImages(np.asarray(kept, np.int64), got.images, skipped)
 
+        table = self.table.iloc[rows].reset_index(drop=True)
+        repeats = table.groupby("id").cumcount()
+        if repeats.any():
+            table["id"] = (
+                table["id"]
+                .astype(str)
+                .where(
+                    repeats == 0, table["id"].astype(str) + "#" + repeats.astype(str)
+                )
+            )
         digest = hashlib.sha256(self.fingerprint.encode() + rows.tobytes())
         return Dataset(
             f"{self.name}[{len(rows)}]",
-            self.table.iloc[rows],
+            table,
             self.class_names,
             self.image_shape,
             loader,

@@ -60,3 +60,14 @@ def stored_model(small_model, bentoml_home):
         test_accuracy=0.0, train_fingerprint="test", seed=0, epochs=2, n_train=4000
     )
     return save_model(small_model, card)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared test-data folder beside the repository."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shared test data not found at {folder}")
+    return folder
