@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", type=Path, help="CSV/Parquet manifest of images")
     run.add_argument("--image-root", type=Path, help="folder the manifest paths are in")
     run.add_argument("--limit", type=int, help="audit only the first N images")
+    run.add_argument("--every", type=int, help="audit every k-th image only")
     run.add_argument("--slices", help="comma-separated attribute columns to slice by")
     run.add_argument("--window", type=_pair, help="occlusion window, e.g. 6 or 6,6")
     run.add_argument("--stride", type=_pair, help="occlusion stride, e.g. 4 or 4,4")
@@ -132,6 +133,7 @@ def _overrides(args) -> dict:
     put("dataset.manifest", args.manifest and str(args.manifest))
     put("dataset.image_root", args.image_root and str(args.image_root))
     put("dataset.limit", args.limit)
+    put("dataset.every", args.every)
     if args.slices is not None:
         put("slices.columns", [c.strip() for c in args.slices.split(",") if c.strip()])
     put("occlusion.window", args.window)

@@ -37,14 +37,16 @@ class DatasetConfig(_Strict):
 
     ``kind: mnist`` is the built-in MNIST ``split``; ``kind: manifest`` reads
     ``manifest`` (CSV or Parquet with ``path``, ``label`` and attribute columns)
-    relative to ``image_root``. ``limit`` audits the first N rows only;
-    ``repeat`` audits the rows that many times (for scale tests).
+    relative to ``image_root``. ``every`` keeps every k-th row (a spread-out
+    sample), ``limit`` then keeps the first N of those; ``repeat`` audits the
+    rows that many times (for scale tests).
     """
 
     kind: Literal["mnist", "manifest"] = "mnist"
     split: Literal["test", "train"] = "test"
     manifest: Path | None = None
     image_root: Path | None = None
+    every: PositiveInt = 1
     limit: PositiveInt | None = None
     repeat: PositiveInt = 1
 

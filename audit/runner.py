@@ -76,8 +76,9 @@ def open_dataset(config: AuditConfig, class_names, image_shape) -> datasets.Data
         dataset = datasets.manifest_dataset(
             spec.manifest, spec.image_root, class_names, image_shape
         )
-    if spec.limit is not None and spec.limit < len(dataset):
-        dataset = dataset.subset(np.arange(spec.limit))
+    rows = np.arange(0, len(dataset), spec.every)[: spec.limit]
+    if len(rows) < len(dataset):
+        dataset = dataset.subset(rows)
     if spec.repeat > 1:
         dataset = dataset.subset(np.tile(np.arange(len(dataset)), spec.repeat))
     return dataset
