@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest finding severity that makes the exit code 1 (default high)",
     )
     run.add_argument("--seed", type=int, help="seed for resampling tests")
+    run.add_argument("--chunk-size", type=int, help="images per checkpointed chunk")
     run.add_argument("--dask", help="Dask scheduler address, or 'local'")
     _add_verbosity(run)
 
@@ -143,6 +144,7 @@ def _overrides(args) -> dict:
     put("fail_on", args.fail_on)
     put("seed", args.seed)
     put("dask", args.dask)
+    put("chunk_size", args.chunk_size)
     return out
 
 

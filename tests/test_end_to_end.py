@@ -1,0 +1,135 @@
+"""The CLI end to end on a small real MNIST sample with a small trained model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from audit.cli import EXIT_RUNTIME, EXIT_USAGE, main
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("id", "started_at", "finished_at", "duration_seconds", "resumed")
+
+
+@pytest.fixture(scope="module")
+def model_file(small_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "small.keras"
+    small_model.save(path)
+    return path
+
+
+def _run_args(model_file, output, run_id, *extra):
+    return [
+        "run",
+        "--model",
+        str(model_file),
+        "--every",
+        "25",
+        "--output",
+        str(output),
+        "--run-id",
+        run_id,
+        "--fail-on",
+        "never",
+        "--chunk-size",
+        "50",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_file, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    code = main(_run_args(model_file, output, "first"))
+    return code, output / "first"
+
+
+def test_run_writes_report_and_results(finished_run):
+    code, run_dir = finished_run
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert results["verdict"] in ("pass", "warn", "fail")
+    assert results["dataset"]["n_images"] == 400
+    assert results["dataset"]["n_audited"] == 400
+    assert results["method"]["n_windows"] == 49
+    assert results["method"]["forward_passes_per_image"] == 50
+    by_name = {s["name"]: s for s in results["slices"]}
+    students, census = by_name["writer_group=students"], by_name["writer_group=census"]
+    assert students["n"] == census["n"] == 200
+    accuracy = students["metrics"]["accuracy"]
+    low, high = accuracy["ci"]
+    assert 0.0 <= low <= accuracy["value"] <= high <= 1.0
+
+    html = (run_dir / "report.html").read_text()
+    assert "writer_group=students" in html and "writer_group=census" in html
+    assert "data:image/png;base64," in html
+    assert "http://" not in html.replace("http://www.w3.org", "")
+    assert not (run_dir / "checkpoint").exists()
+    assert (run_dir.parent / "index.html").is_file()
+
+
+def test_usage_and_config_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as bad_flag:
+        main(["run", "--window", "six"])
+    assert bad_flag.value.code == EXIT_USAGE
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("occlusion:\n  windw: [3, 3]\n")
+    assert main(["run", "--config", str(config)]) == EXIT_USAGE
+    assert "occlusion.windw" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_runtime_failure(tmp_path, capsys):
+    code = main(
+        ["run", "--model", str(tmp_path / "nope.keras"), "--output", str(tmp_path)]
+    )
+    assert code == EXIT_RUNTIME
+    assert "nope.keras" in capsys.readouterr().err
+
+
+def _strip_timing(results):
+    results = dict(results)
+    results["run"] = {k: v for k, v in results["run"].items() if k not in TIMING_KEYS}
+    results["config"] = {k: v for k, v in results["config"].items() if k != "run_id"}
+    return results
+
+
+def test_killed_run_resumes_to_the_same_results(model_file, finished_run, tmp_path):
+    _, reference_dir = finished_run
+    command = [
+        sys.executable,
+        "-m",
+        "audit",
+        *_run_args(model_file, tmp_path, "resumable"),
+    ]
+    env = dict(os.environ)
+    progress = tmp_path / "resumable" / "checkpoint" / "progress.json"
+    first = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if progress.is_file() and len(json.loads(progress.read_text())["done"]) >= 2:
+            break
+        time.sleep(0.02)
+    assert first.poll() is None, "the run finished before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(30)
+    done_before = len(json.loads(progress.read_text())["done"])
+    assert 2 <= done_before < 8
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    resumed = json.loads((tmp_path / "resumable" / "results.json").read_text())
+    assert resumed["run"]["resumed"] is True
+    reference = json.loads((reference_dir / "results.json").read_text())
+    assert _strip_timing(resumed) == _strip_timing(reference)
