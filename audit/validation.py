@@ -1,0 +1,674 @@
+"""Evidence that the audit works: it finds planted bias, stays quiet on random
+slices, and its maps describe the model rather than the image.
+
+``python -m audit.validation`` runs the experiments below at full size, prints
+a table of their checks and writes ``validation.json`` into the output folder
+(default ``runs/validation``); the exit code is 1 when any check fails. The
+test suite runs the same functions at the sizes in :data:`FAST`.
+
+planted_shortcut
+    MNIST images get a ``source`` attribute (``scanner_a`` / ``scanner_b``,
+    drawn at random). Scanner B's scans are faint and carry a 3x3 bright
+    marker in the margin whose position encodes the label in the training
+    data, so a CNN trained on them reads the marker for that slice. In the
+    audited test data part of scanner B's markers encode a wrong class. The
+    audit runs end to end (PNGs and a manifest, :func:`audit.runner.run_audit`)
+    and must flag ``source=scanner_b`` and put that slice's attribution on the
+    marker positions.
+randomised_weights
+    The occlusion maps of a trained MNIST model are compared, image by image
+    (Spearman rank correlation), with those of a model retrained with the same
+    seed (must be near 1) and with those of the same architecture with fresh
+    random weights (must be near 0). A model retrained with another seed is
+    reported for scale.
+
+Every experiment returns an :class:`Experiment`: the numbers it measured and a
+list of :class:`Check` (a measured value, the threshold it must meet and why).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SOURCE_COLUMN = "source"
+SOURCES = ("scanner_a", "scanner_b")
+SHORTCUT_SOURCE = "scanner_b"
+MARKER_SIZE = 3
+MARKER_VALUE = 1.0
+NO_MARKER = -1
+PLANTED_RUN_ID = "planted-shortcut"
+
+WINDOW = (6, 6)
+STRIDE = (4, 4)
+
+
+# Sizes of the test-suite versions; the full versions are the functions'
+# defaults. ``randomised_weights`` matches tests/conftest.py's small_model.
+FAST = {
+    "planted_shortcut": {
+        "n_train": 6_000,
+        "n_test": 2_000,
+        "epochs": 2,
+        "width": 8,
+        "n_explained": 300,
+    },
+    "randomised_weights": {"n_train": 4_000, "epochs": 2, "width": 8, "n_images": 200},
+}
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Check:
+    """One pass/fail criterion: ``value`` compared with ``threshold``.
+
+    ``comparison`` is ``">="`` or ``"<="``; ``reason`` says in a sentence why
+    the threshold is where it is.
+    """
+
+    name: str
+    value: float
+    comparison: str
+    threshold: float
+    reason: str
+
+    @property
+    def passed(self) -> bool:
+        if not np.isfinite(self.value):
+            return False
+        if self.comparison == ">=":
+            return self.value >= self.threshold
+        return self.value <= self.threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "value": float(self.value),
+            "comparison": self.comparison,
+            "threshold": float(self.threshold),
+            "passed": bool(self.passed),
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class Experiment:
+    """What one experiment measured (``numbers``) and the checks it had to pass."""
+
+    name: str
+    checks: list[Check]
+    numbers: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def check(self, name: str) -> Check:
+        for check in self.checks:
+            if check.name == name:
+                return check
+        raise KeyError(f"experiment {self.name} has no check {name!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "seconds": round(self.seconds, 2),
+            "parameters": self.parameters,
+            "checks": [check.to_dict() for check in self.checks],
+            "numbers": self.numbers,
+        }
+
+
+# --------------------------------------------------------------------- data
+
+
+def mnist_images(split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` MNIST ``split`` images as float32 ``(n, 28, 28, 1)`` in
+    [0, 1] and their int64 labels (all images when ``n`` is None)."""
+    from .datasets import load_mnist_arrays
+
+    images, labels = load_mnist_arrays(split)
+    images, labels = images[:n], labels[:n]
+    return images.astype(np.float32)[..., None] / np.float32(255.0), labels.astype(
+        np.int64
+    )
+
+
+def train_model(images, labels, *, epochs: int, width: int, seed: int):
+    """A fresh :func:`bento_service.train.fit` CNN; logs how long it took."""
+    from bento_service.train import fit
+
+    started = time.perf_counter()
+    model = fit(images, labels, epochs=epochs, width=width, seed=seed)
+    logger.info(
+        "trained a width-%d CNN on %d images for %d epochs in %.1f s",
+        width,
+        len(images),
+        epochs,
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def occlusion_settings(target: str = "predicted"):
+    """The audit's default occlusion: 6x6 windows, stride 4, black baseline."""
+    from .occlusion import OcclusionSettings
+
+    return OcclusionSettings(window=WINDOW, stride=STRIDE, target=target)
+
+
+# --------------------------------------------------------- planted shortcut
+
+
+def marker_origin(marker_class: int) -> tuple[int, int]:
+    """Top-left pixel ``(row, col)`` of the marker that encodes ``marker_class``.
+
+    Classes 0-4 sit in the top margin of a 28x28 MNIST image (rows 1-3),
+    classes 5-9 in the bottom margin (rows 24-26), at columns 2, 7, 12, 17, 22;
+    MNIST digits are centred in the middle 20x20 pixels, so no marker covers
+    a digit's ink.
+    """
+    if not 0 <= marker_class <= 9:
+        raise ValueError(f"marker class {marker_class} must be a digit 0-9")
+    row = 1 if marker_class < 5 else 24
+    return row, 2 + 5 * (marker_class % 5)
+
+
+def marker_mask(marker_class: int, image_hw=(28, 28)) -> np.ndarray:
+    """``(H, W)`` bool, True on the marker of ``marker_class``."""
+    mask = np.zeros(image_hw, dtype=bool)
+    row, col = marker_origin(marker_class)
+    mask[row : row + MARKER_SIZE, col : col + MARKER_SIZE] = True
+    return mask
+
+
+def marker_band(image_hw=(28, 28)) -> np.ndarray:
+    """``(H, W)`` bool, True on any of the ten marker positions (90 pixels)."""
+    return np.any([marker_mask(c, image_hw) for c in range(10)], axis=0)
+
+
+@dataclass
+class ShortcutData:
+    """MNIST images with a ``source`` attribute and planted markers.
+
+    Attributes
+    ----------
+    images:
+        ``(N, 28, 28, 1)`` float32 in [0, 1].
+    labels:
+        ``(N,)`` int64, the true digit.
+    source:
+        ``(N,)`` str, ``scanner_a`` or ``scanner_b``.
+    marker_class:
+        ``(N,)`` int64, the class whose position the image's marker sits at,
+        ``NO_MARKER`` (-1) for images without one (all of scanner A).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: np.ndarray
+    marker_class: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def misleading(self) -> np.ndarray:
+        """``(N,)`` bool, the image has a marker that encodes a wrong class."""
+        return (self.marker_class != NO_MARKER) & (self.marker_class != self.labels)
+
+
+def plant_shortcut(
+    images,
+    labels,
+    *,
+    seed: int,
+    agreement: float = 1.0,
+    contrast: float = 0.3,
+    share: float = 0.5,
+) -> ShortcutData:
+    """Assign each image a source at random and mark scanner B's images.
+
+    Parameters
+    ----------
+    images, labels:
+        ``(N, 28, 28, 1)`` float32 in [0, 1] and ``(N,)`` int digits; not
+        modified.
+    seed:
+        Seed of the source draw and of the misleading markers.
+    agreement:
+        Probability that a scanner B marker sits at its image's own label's
+        position; otherwise it sits at one of the nine other classes',
+        uniformly. 1.0 makes the marker a perfect label cue (training data).
+    contrast:
+        Scanner B's pixel values are multiplied by this before the marker is
+        drawn (faint scans). With full contrast the digit is so easy that a
+        small CNN learns the digit and mostly ignores the marker; faint scans
+        make the marker the easier cue for that slice, which is what a
+        shortcut is.
+    share:
+        Probability that an image comes from scanner B.
+
+    Returns
+    -------
+    ShortcutData
+        Copies of the images, marker drawn as a ``MARKER_SIZE`` square of
+        ``MARKER_VALUE``.
+    """
+    images = np.array(images, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if images.shape[1:3] != (28, 28):
+        raise ValueError(f"markers are placed on 28x28 images; got {images.shape}")
+    if not 0.0 <= agreement <= 1.0 or not 0.0 < contrast <= 1.0:
+        raise ValueError(
+            f"agreement {agreement} must be in [0, 1] and contrast {contrast} in (0, 1]"
+        )
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+
+    from_b = rng.random(n) < share
+    agrees = rng.random(n) < agreement
+    other = (labels + rng.integers(1, 10, n)) % 10
+    marker_class = np.where(from_b, np.where(agrees, labels, other), NO_MARKER)
+
+    images[from_b] *= np.float32(contrast)
+    for i in np.flatnonzero(from_b):
+        row, col = marker_origin(int(marker_class[i]))
+        images[i, row : row + MARKER_SIZE, col : col + MARKER_SIZE] = MARKER_VALUE
+    source = np.where(from_b, SOURCES[1], SOURCES[0])
+    return ShortcutData(images, labels, source, marker_class.astype(np.int64))
+
+
+def shortcut_reliance(model, data: ShortcutData, batch_size: int = 1024) -> dict:
+    """How the model treats the planted data, per source.
+
+    Returns accuracy per source and, over scanner B images whose marker
+    encodes a wrong class, the share predicted as the marker's class
+    (``follows_marker``) and as the true digit (``follows_digit``).
+    """
+    predicted = np.concatenate(
+        [
+            np.argmax(model.predict_on_batch(data.images[s : s + batch_size]), axis=1)
+            for s in range(0, len(data), batch_size)
+        ]
+    )
+    correct = predicted == data.labels
+    out = {
+        f"accuracy.{name}": round(float(correct[data.source == name].mean()), 4)
+        for name in SOURCES
+    }
+    misleading = data.misleading
+    out["n_misleading"] = int(misleading.sum())
+    out["follows_marker"] = round(
+        float((predicted == data.marker_class)[misleading].mean()), 4
+    )
+    out["follows_digit"] = round(float(correct[misleading].mean()), 4)
+    return out
+
+
+def write_manifest(data: ShortcutData, folder) -> tuple[Path, Path]:
+    """Write ``data`` as 8-bit PNGs plus ``manifest.csv`` (``path``, ``label``,
+    ``source``) under ``folder``; return ``(manifest, image_root)``.
+
+    This is how a user hands images to the audit, so the planted-shortcut
+    experiment runs the same path as ``python -m audit run --manifest``.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    root = Path(folder) / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    pixels = np.rint(data.images[..., 0] * 255.0).astype(np.uint8)
+    names = [f"{i:06d}.png" for i in range(len(data))]
+    for name, image in zip(names, pixels, strict=True):
+        Image.fromarray(image, mode="L").save(root / name)
+    manifest = Path(folder) / "manifest.csv"
+    pd.DataFrame(
+        {"path": names, "label": data.labels, SOURCE_COLUMN: data.source}
+    ).to_csv(manifest, index=False)
+    return manifest, root
+
+
+def region_share(attribution_map: np.ndarray, mask: np.ndarray) -> float:
+    """Share of a map's total |attribution| that lies inside ``mask``."""
+    magnitude = np.abs(np.nan_to_num(np.asarray(attribution_map, np.float64)))
+    total = magnitude.sum()
+    return float(magnitude[mask].sum() / total) if total > 0 else float("nan")
+
+
+def own_marker_share(maps: np.ndarray, data: ShortcutData, rows) -> float:
+    """Mean over ``rows`` of the share of each image's |map| on its own marker.
+
+    For images without a marker the square its label's marker would occupy is
+    used, so scanner A gives the share such a spot gets when nothing is there.
+    """
+    shares = []
+    for i, row in enumerate(rows):
+        where = int(data.marker_class[row])
+        if where == NO_MARKER:
+            where = int(data.labels[row])
+        shares.append(region_share(maps[i], marker_mask(where)))
+    return float(np.nanmean(shares)) if shares else float("nan")
+
+
+def planted_shortcut(
+    output,
+    *,
+    n_train: int = 30_000,
+    n_test: int = 10_000,
+    epochs: int = 2,
+    width: int = 16,
+    agreement: float = 0.5,
+    contrast: float = 0.3,
+    n_explained: int = 2_000,
+    seed: int = 0,
+    min_band_lift: float = 1.5,
+    min_band_ratio: float = 3.0,
+    min_marker_lift: float = 5.0,
+) -> Experiment:
+    """Train on planted data, audit it end to end and check what the audit says.
+
+    Parameters
+    ----------
+    output:
+        Folder for the planted data (``planted-data/``: PNGs, manifest,
+        ``model.keras``) and the audit run (``planted-shortcut/``, with its
+        ``report.html`` and ``results.json``).
+    n_train, n_test:
+        How many MNIST training images the model learns from and how many
+        test images are audited (the first ones of each split).
+    epochs, width:
+        Training of the CNN (:func:`bento_service.train.fit`).
+    agreement:
+        Probability that a scanner B test marker encodes the true label (in
+        training it always does); the rest encode another class.
+    contrast:
+        Scanner B's contrast, see :func:`plant_shortcut`.
+    n_explained:
+        Test images per source explained once more, outside the audit, to
+        measure the share of each image's attribution on its own marker (the
+        audit keeps no per-image maps).
+    seed:
+        Seeds the planting, the training and the audit.
+    min_band_lift, min_band_ratio, min_marker_lift:
+        Thresholds of the checks: scanner B's mean-map share on the marker band
+        over the band's area share; that share over scanner A's; the per-image
+        share on the own marker over the marker's area share.
+    """
+    from .config import load_config
+    from .runner import run_audit
+
+    started = time.perf_counter()
+    output = Path(output)
+    folder = output / "planted-data"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    train_x, train_y = mnist_images("train", n_train)
+    test_x, test_y = mnist_images("test", n_test)
+    train = plant_shortcut(train_x, train_y, seed=seed + 1, contrast=contrast)
+    test = plant_shortcut(
+        test_x, test_y, seed=seed + 2, agreement=agreement, contrast=contrast
+    )
+    model = train_model(
+        train.images, train.labels, epochs=epochs, width=width, seed=seed
+    )
+    model_path = folder / "model.keras"
+    model.save(model_path)
+    reliance = shortcut_reliance(model, test)
+    manifest, image_root = write_manifest(test, folder)
+
+    config = load_config(
+        overrides={
+            "model": str(model_path),
+            "dataset": {
+                "kind": "manifest",
+                "manifest": str(manifest),
+                "image_root": str(image_root),
+            },
+            "slices": {"columns": [SOURCE_COLUMN]},
+            "occlusion": {"window": list(WINDOW), "stride": list(STRIDE)},
+            "output": str(output),
+            "run_id": PLANTED_RUN_ID,
+            "seed": seed,
+        }
+    )
+    outcome = run_audit(config, quiet=True)
+    results = outcome.results
+    shortcut_slice = f"{SOURCE_COLUMN}={SHORTCUT_SOURCE}"
+    findings = [
+        {k: f.get(k) for k in ("slice", "metric", "severity", "rule", "value")}
+        for f in results["findings"]
+    ]
+    flagged = [f for f in findings if f["slice"] == shortcut_slice]
+
+    with np.load(outcome.run_dir / "maps.npz") as arrays:
+        slice_maps = arrays["slice_maps"]
+    names = [s["name"] for s in results["slices"]]
+    band = marker_band()
+    band_share = {
+        name: region_share(slice_maps[names.index(f"{SOURCE_COLUMN}={name}")], band)
+        for name in SOURCES
+    }
+
+    own_share = _own_marker_shares(model, test, n_explained)
+    area_band = float(band.mean())
+    area_marker = MARKER_SIZE**2 / band.size
+    numbers = {
+        "model": reliance,
+        "findings": findings,
+        "verdict": results["verdict"],
+        "report": str(outcome.report_path),
+        "band_area_share": round(area_band, 4),
+        "band_share": {k: round(v, 4) for k, v in band_share.items()},
+        "marker_area_share": round(area_marker, 4),
+        "own_marker_share": {k: round(v, 4) for k, v in own_share.items()},
+        "audit_seconds": round(outcome.elapsed_seconds, 2),
+    }
+    b, a = band_share[SHORTCUT_SOURCE], band_share[SOURCES[0]]
+    checks = [
+        Check(
+            "findings on source=scanner_b",
+            len(flagged),
+            ">=",
+            1,
+            "the slice whose model uses a shortcut must be flagged",
+        ),
+        Check(
+            "scanner_b band share / band area",
+            b / area_band,
+            ">=",
+            min_band_lift,
+            "the slice's mean map must sit on the marker positions well above chance",
+        ),
+        Check(
+            "scanner_b band share / scanner_a band share",
+            b / a if a > 0 else float("inf"),
+            ">=",
+            min_band_ratio,
+            "the marker positions must matter for the marked slice, not for the other",
+        ),
+        Check(
+            "scanner_b own-marker share / marker area",
+            own_share[SHORTCUT_SOURCE] / area_marker,
+            ">=",
+            min_marker_lift,
+            "each image's attribution must sit on its own marker",
+        ),
+    ]
+    logger.info(
+        "planted shortcut: %d findings on %s; band share %.3f (scanner_a %.3f, "
+        "area %.3f); own-marker share %.3f (area %.4f)",
+        len(flagged),
+        shortcut_slice,
+        b,
+        a,
+        area_band,
+        own_share[SHORTCUT_SOURCE],
+        area_marker,
+    )
+    return Experiment(
+        "planted_shortcut",
+        checks,
+        numbers,
+        {
+            "n_train": n_train,
+            "n_test": n_test,
+            "epochs": epochs,
+            "width": width,
+            "agreement": agreement,
+            "contrast": contrast,
+            "n_explained": n_explained,
+            "seed": seed,
+            "marker_size": MARKER_SIZE,
+            "window": list(WINDOW),
+            "stride": list(STRIDE),
+        },
+        time.perf_counter() - started,
+    )
+
+
+def _own_marker_shares(model, data: ShortcutData, n_explained: int) -> dict:
+    """Per source, the mean share of each image's map on its own marker square."""
+    from .backends import load_backend
+    from .occlusion import explain
+
+    backend = load_backend(model)
+    shares = {}
+    for name in SOURCES:
+        rows = np.flatnonzero(data.source == name)[:n_explained]
+        maps = explain(backend, data.images[rows], None, occlusion_settings()).maps
+        shares[name] = own_marker_share(maps, data, rows)
+    return shares
+
+
+# ------------------------------------------------------------------- sanity
+
+
+def randomised_weights(
+    *,
+    n_train: int = 20_000,
+    epochs: int = 2,
+    width: int = 16,
+    n_images: int = 1_000,
+    seed: int = 0,
+    model=None,
+    max_random_correlation: float = 0.2,
+    min_retrained_correlation: float = 0.95,
+) -> Experiment:
+    """Maps of a trained model against a same-seed retrain and random weights.
+
+    Parameters
+    ----------
+    n_train, epochs, width, seed:
+        How the model (and its same-seed retrain) is trained: the first
+        ``n_train`` MNIST training images, :func:`bento_service.train.fit`.
+    n_images:
+        How many MNIST test images (the first ones) are explained by each
+        model.
+    model:
+        The trained model, when the caller already trained it with exactly
+        these ``n_train``, ``epochs``, ``width`` and ``seed``; trained here
+        otherwise.
+    max_random_correlation, min_retrained_correlation:
+        The thresholds of the two checks, on the mean per-image Spearman
+        correlation of the pixel maps.
+
+    Returns
+    -------
+    Experiment
+        Numbers: mean (and quartiles of) the per-image rank correlation of the
+        trained model's maps with the same-seed retrain, another seed's
+        retrain and the randomised-weights copy.
+    """
+    from .backends import load_backend
+    from .faithfulness import randomised_weights_check, rank_correlation
+    from .occlusion import explain
+
+    started = time.perf_counter()
+    train_x, train_y = mnist_images("train", n_train)
+    test_x, _ = mnist_images("test", n_images)
+    if model is None:
+        model = train_model(train_x, train_y, epochs=epochs, width=width, seed=seed)
+    same_seed = train_model(train_x, train_y, epochs=epochs, width=width, seed=seed)
+    other_seed = train_model(
+        train_x, train_y, epochs=epochs, width=width, seed=seed + 1
+    )
+
+    settings = occlusion_settings()
+    sanity = randomised_weights_check(model, test_x, settings, seed=seed + 1000)
+    reference = explain(load_backend(model), test_x, None, settings)
+    by_label = occlusion_settings(target="label")
+    correlations = {"randomised_weights": sanity.rank_correlation}
+    for name, other in (("same_seed", same_seed), ("other_seed", other_seed)):
+        maps = explain(load_backend(other), test_x, reference.targets, by_label).maps
+        correlations[name] = rank_correlation(reference.maps, maps)
+
+    numbers = {name: _summary(values) for name, values in correlations.items()}
+    random_mean = abs(numbers["randomised_weights"]["mean"])
+    retrained_mean = numbers["same_seed"]["mean"]
+    checks = [
+        Check(
+            "|randomised-weights rank correlation|",
+            random_mean,
+            "<=",
+            max_random_correlation,
+            "maps that survive randomising the weights describe the image, "
+            "not the model",
+        ),
+        Check(
+            "same-seed retrain rank correlation",
+            retrained_mean,
+            ">=",
+            min_retrained_correlation,
+            "the same training run must give the same maps, or the maps are noise",
+        ),
+    ]
+    logger.info(
+        "sanity: rank correlation %.3f with random weights, %.3f same seed, "
+        "%.3f other seed",
+        random_mean,
+        retrained_mean,
+        numbers["other_seed"]["mean"],
+    )
+    return Experiment(
+        "randomised_weights",
+        checks,
+        numbers,
+        {
+            "n_train": n_train,
+            "epochs": epochs,
+            "width": width,
+            "n_images": n_images,
+            "seed": seed,
+            "window": list(WINDOW),
+            "stride": list(STRIDE),
+        },
+        time.perf_counter() - started,
+    )
+
+
+def _summary(values: np.ndarray) -> dict:
+    """Mean, quartiles and count of the finite entries of ``values``."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return {"mean": float("nan"), "q25": None, "median": None, "q75": None, "n": 0}
+    q25, median, q75 = np.percentile(finite, [25, 50, 75])
+    return {
+        "mean": round(float(finite.mean()), 4),
+        "q25": round(float(q25), 4),
+        "median": round(float(median), 4),
+        "q75": round(float(q75), 4),
+        "n": int(finite.size),
+    }
