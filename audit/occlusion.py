@@ -167,10 +167,11 @@ class WindowGrid:
 
     Windows start at 0 and every ``stride`` pixels after. Where the stride
     does not divide ``H - window`` (or ``W - window``), one more row (column)
-    of windows is placed flush with the bottom (right) edge, so every pixel is
-    covered and no window is cut off; that last row overlaps its neighbour by
-    more than the others do, and its pixels count more windows in
-    :attr:`coverage`.
+    of windows is placed flush with the bottom (right) edge, so no window is
+    cut off; that last row overlaps its neighbour by more than the others do,
+    and its pixels count more windows in :attr:`coverage`. A stride larger
+    than the window leaves strips of pixels that no window covers: their
+    coverage is 0 and their map value 0.
 
     Attributes
     ----------
@@ -180,21 +181,22 @@ class WindowGrid:
     shape:
         ``(rows, cols)`` of windows; ``K = rows * cols``.
     coverage:
-        ``(H, W)`` int64, the number of windows covering each pixel (>= 1).
+        ``(H, W)`` int64, the number of windows covering each pixel (>= 1
+        unless the stride exceeds the window).
     """
 
     def __init__(self, image_hw, window, stride):
         height, width = _pair(image_hw, "image_hw")
         window = _pair(window, "window")
         stride = _pair(stride, "stride")
+        if min(window) < 1:
+            raise OcclusionError(f"window {window} must be at least 1 pixel each side")
+        if min(stride) < 1:
+            raise OcclusionError(f"stride {stride} must be at least 1 each way")
         if window[0] > height or window[1] > width:
             raise OcclusionError(
                 f"window {window} is larger than the image ({height}, {width}); "
                 "use a window no larger than the image"
-            )
-        if min(window) < 1 or min(stride) < 1:
-            raise OcclusionError(
-                f"window {window} and stride {stride} must be at least 1"
             )
         self.image_hw = (height, width)
         self.window = window
@@ -221,7 +223,8 @@ class WindowGrid:
         """Per-pixel mean of window scores over the windows covering each pixel.
 
         ``window_scores`` is ``(N, K)`` or ``(N, K, C)``; the result is
-        ``(N, H, W)`` or ``(N, H, W, C)`` float32.
+        ``(N, H, W)`` or ``(N, H, W, C)`` float32. Pixels that no window
+        covers get 0.
         """
         scores = np.asarray(window_scores, dtype=np.float32)
         flat_masks = self.masks().reshape(len(self), -1).astype(np.float32)
@@ -229,7 +232,7 @@ class WindowGrid:
         if scores.ndim == 3:
             per_pixel = np.moveaxis(per_pixel, 1, 2)
         per_pixel = per_pixel.reshape(len(scores), *self.image_hw, *scores.shape[2:])
-        cover = self.coverage.astype(np.float32)
+        cover = np.maximum(self.coverage, 1).astype(np.float32)
         if scores.ndim == 3:
             cover = cover[..., None]
         return per_pixel / cover
