@@ -1,0 +1,239 @@
+"""The service under a real ``bentoml serve`` on loopback, called over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_REQUEST_BYTES = 2 * 2**20
+
+
+def _load_test_module():
+    """``benchmarks/load_test.py`` (a script, not a package) as a module."""
+    name = "benchmarks_load_test"
+    if name not in sys.modules:
+        path = REPO / "benchmarks" / "load_test.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+load_test = _load_test_module()
+
+
+@pytest.fixture(scope="session")
+def server(stored_model, bentoml_home, tmp_path_factory):
+    """Base URL of ``bentoml serve`` running the test model from the private store.
+
+    The request body limit is lowered to 2 MiB so the 413 path is cheap to
+    reach. The server's process group is stopped when the session ends.
+    """
+    log = tmp_path_factory.mktemp("serve") / "bentoml-serve.log"
+    env = dict(os.environ)
+    env.update(
+        BENTOML_HOME=str(bentoml_home),
+        AUDIT_MODEL_TAG=stored_model,
+        AUDIT_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
+    )
+    with load_test.served(env, log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from audit.datasets import load_mnist_arrays
+
+    images, labels = load_mnist_arrays("test")
+    return images[:64].astype(np.float32)[..., None] / np.float32(255), labels[:64]
+
+
+def npy_upload(array) -> dict:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return {"images": ("images.npy", buffer.getvalue(), "application/octet-stream")}
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body["error"], str), body
+    return body["error"]
+
+
+def test_readyz_and_metadata(client, stored_model):
+    assert client.get("/readyz").status_code == 200
+    card = client.post("/metadata", json={}).json()
+    assert card["tag"] == stored_model
+    assert card["metadata"]["input_shape"] == [28, 28, 1]
+    assert card["limits"]["max_request_bytes"] == MAX_REQUEST_BYTES
+
+
+def test_predict_json_and_npy_agree_with_the_model(client, small_model, digits):
+    images = digits[0][:16]
+    expected = small_model.predict_on_batch(images)
+    by_json = client.post("/predict", json={"images": images.tolist()})
+    by_npy = client.post("/predict_npy", files=npy_upload(images))
+    for response in (by_json, by_npy):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+        assert body["labels"] == expected.argmax(axis=1).tolist()
+        assert body["class_names"] == [str(d) for d in range(10)]
+
+
+def test_predict_npy_uint8(client, digits):
+    pixels = np.round(digits[0][:4] * 255).astype(np.uint8)
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    by_uint8 = client.post("/predict_npy", files=npy_upload(pixels)).json()
+    by_float = client.post("/predict_npy", files=npy_upload(scaled)).json()
+    np.testing.assert_allclose(
+        by_uint8["probabilities"], by_float["probabilities"], atol=1e-6
+    )
+
+
+def test_explain_over_http(client, digits):
+    image = digits[0][0]
+    response = client.post(
+        "/explain", json={"image": image.tolist(), "window": [7, 7], "stride": 7}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["grid_shape"] == [4, 4] and body["forward_passes"] == 17
+    assert np.asarray(body["map"]).shape == (28, 28)
+    assert body["target"] == body["predicted"]
+
+    targeted = client.post("/explain", json={"image": image.tolist(), "target": 3})
+    assert targeted.status_code == 200 and targeted.json()["target"] == 3
+
+
+def test_wrong_shape_is_422_with_the_shape_named(client):
+    response = client.post(
+        "/predict", json={"images": np.zeros((2, 28, 28, 3)).tolist()}
+    )
+    message = error_of(response, 422)
+    assert "shape (2, 28, 28, 3)" in message and "(N, 28, 28, 1)" in message
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status, words",
+    [
+        ("/predict", {"json": {"images": [[0.0, 1.0], [0.0]]}}, 400, ["validation"]),
+        ("/predict", {"json": {"imagez": []}}, 400, ["validation"]),
+        (
+            "/predict",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            ["validation"],
+        ),
+        (
+            "/predict",
+            {"json": {"images": np.full((1, 28, 28, 1), 7.0).tolist()}},
+            422,
+            ["max 7", "[0, 1]"],
+        ),
+        (
+            "/predict",
+            {"json": {"images": np.full((1, 28, 28, 1), True).tolist()}},
+            422,
+            ["dtype bool"],
+        ),
+        (
+            "/predict_npy",
+            {"files": {"images": ("x.npy", b"GIF89a", "image/gif")}},
+            400,
+            ["not a .npy"],
+        ),
+        (
+            "/predict_npy",
+            {"data": {"images": "http://127.0.0.1:1/x.npy"}},
+            400,
+            ["uploaded as a file"],
+        ),
+        (
+            "/predict_npy",
+            {"files": npy_upload(np.zeros((1, 28, 28, 1), np.int16))},
+            422,
+            ["dtype int16"],
+        ),
+        (
+            "/explain",
+            {"json": {"image": np.zeros((28, 28)).tolist(), "window": 0}},
+            422,
+            ["window is 0"],
+        ),
+        (
+            "/explain",
+            {"json": {"image": np.zeros((28, 28)).tolist(), "target": 12}},
+            422,
+            ["target is 12"],
+        ),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(client, path, kwargs, status, words):
+    response = client.post(path, **kwargs)
+    message = error_of(response, status)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_nan_upload_is_422(client):
+    images = np.zeros((3, 28, 28, 1), np.float32)
+    images[2, 7, 8, 0] = np.nan
+    message = error_of(client.post("/predict_npy", files=npy_upload(images)), 422)
+    assert "NaN" in message and "image 2" in message
+
+
+def test_oversize_body_is_413_before_parsing(client):
+    images = np.zeros((700, 28, 28, 1), np.float32)
+    message = error_of(client.post("/predict_npy", files=npy_upload(images)), 413)
+    assert "AUDIT_MAX_REQUEST_BYTES" in message
+
+
+def test_chunked_oversize_body_is_413(client):
+    def chunks():
+        for _ in range(3):
+            yield b" " * 2**20
+
+    response = client.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert "more than" in error_of(response, 413)
+
+
+def test_server_stays_up_after_refusals(client, digits):
+    assert client.get("/readyz").status_code == 200
+    response = client.post("/predict_npy", files=npy_upload(digits[0][:2]))
+    assert response.status_code == 200
+
+
+def test_small_load_gets_no_5xx(server):
+    images = load_test.mnist_images(256)
+    report = load_test.run_load(
+        server, images, clients=4, requests=80, duration=60, batch=64, json_batch=4
+    )
+    assert report["requests"] == 80
+    assert report["5xx"] == 0, load_test.format_report(report)
+    assert report["connection_errors"] == 0
+    assert report["accepted_invalid"] == 0
+    assert (
+        report["by_kind"]["invalid"]["4xx"] == report["by_kind"]["invalid"]["requests"]
+    )
