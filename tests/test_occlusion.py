@@ -80,7 +80,7 @@ def naive_explain(backend, images, labels, settings, dataset_mean=None):
         image = images[i]
         base = reference_baseline(image, settings, backend.value_range, dataset_mean)
         original = call(image[None])[0]
-        probs = backend.predict(image[None])[0]
+        probs = backend.predict(image[None])[0] if logits else original
         predicted = int(np.argmax(probs))
         target = int(labels[i]) if settings.target == "label" else predicted
         occluded_out, occluded_probs = [], []
@@ -88,7 +88,9 @@ def naive_explain(backend, images, labels, settings, dataset_mean=None):
             copy = image.copy()
             copy[y0:y1, x0:x1] = base[y0:y1, x0:x1]
             occluded_out.append(call(copy[None])[0])
-            occluded_probs.append(backend.predict(copy[None])[0])
+            occluded_probs.append(
+                backend.predict(copy[None])[0] if logits else occluded_out[-1]
+            )
         orig_space = reference_space(original, settings.output)
         occ_space = reference_space(np.array(occluded_out), settings.output)
         if settings.target == "all":
@@ -163,8 +165,9 @@ def sum_logits(x):
     return np.stack([np.zeros_like(s), s], axis=1)
 
 
-def linear_softmax(shape, n_classes, seed, logits=False):
-    """A backend whose logits are fixed random weights times the pixels."""
+def linear_model(shape, n_classes, seed, logits=False):
+    """Logits are fixed random weights times the pixels; returns probabilities
+    (their softmax) or, with ``logits``, the logits."""
     rng = np.random.default_rng(seed)
     weights = rng.normal(0, 3.0, (int(np.prod(shape)), n_classes)).astype(np.float32)
 
@@ -176,8 +179,13 @@ def linear_softmax(shape, n_classes, seed, logits=False):
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
+    return model
+
+
+def linear_softmax(shape, n_classes, seed, logits=False):
+    """A callable backend of :func:`linear_model`."""
     return load_backend(
-        model,
+        linear_model(shape, n_classes, seed, logits),
         input_shape=shape,
         class_names=[f"c{i}" for i in range(n_classes)],
         value_range=(0, 1),
@@ -598,19 +606,34 @@ def test_dataset_mean_is_checked(mean, message):
 # ------------------------------------------------- agreement with reference
 
 
+ALL_OUTPUTS = ("probability", "log_probability", "logit")
+
+
 @st.composite
-def occlusion_cases(draw):
-    height = draw(st.integers(2, 9))
-    width = draw(st.integers(2, 9))
-    channels = draw(st.sampled_from([1, 3]))
-    window = (draw(st.integers(1, height)), draw(st.integers(1, width)))
-    stride = (draw(st.integers(1, height + 1)), draw(st.integers(1, width + 1)))
+def occlusion_cases(draw, shape=None, outputs=ALL_OUTPUTS, min_window=1, max_n=3):
+    """A random small occlusion problem: image shape, count, classes, seed and
+    settings; ``shape`` fixes the image shape, ``outputs`` the output spaces."""
+    if shape is None:
+        shape = (
+            draw(st.integers(2, 9)),
+            draw(st.integers(2, 9)),
+            draw(st.sampled_from([1, 3])),
+        )
+    height, width, _ = shape
+    window = (
+        draw(st.integers(min(min_window, height), height)),
+        draw(st.integers(min(min_window, width), width)),
+    )
+    stride = (
+        draw(st.integers(max(1, window[0] // 2), height + 1)),
+        draw(st.integers(max(1, window[1] // 2), width + 1)),
+    )
     baseline = draw(st.sampled_from(["constant", "image_mean", "blur", "dataset_mean"]))
     target = draw(st.sampled_from(["predicted", "label", "all"]))
-    output = draw(st.sampled_from(["probability", "log_probability", "logit"]))
+    output = draw(st.sampled_from(outputs))
     return {
-        "shape": (height, width, channels),
-        "n": draw(st.integers(1, 3)),
+        "shape": tuple(shape),
+        "n": draw(st.integers(1, max_n)),
         "n_classes": draw(st.integers(2, 4)),
         "seed": draw(st.integers(0, 2**16)),
         "settings": {
