@@ -1,0 +1,430 @@
+"""Dask sharding of an audit's chunks across workers.
+
+The runner cuts the dataset into chunks; here each chunk becomes one Dask task
+that explains its rows on a worker and returns the chunk's
+:class:`~audit.runner.ChunkOutcome` (a small accumulator state, never pixels
+or per-image maps). Outcomes are handed back in chunk order whatever order the
+tasks finish in, so the runner merges exactly what a local run merges and the
+statistics are identical.
+
+How the work reaches the workers:
+
+* The :class:`~audit.runner.AuditPlan` (dataset, occlusion settings, slice
+  membership, accumulator layout) and the model source travel once, inside a
+  worker plugin registered for the run. Every worker, including one that
+  joins or is restarted mid-run, receives it before it is given a task.
+* Each worker process opens the model once, on its first chunk, and shares it
+  between the runs that use the same source (store tag, ``.keras`` file or
+  endpoint URL). A Keras model object never goes through the scheduler.
+* At most ``window`` chunks are in flight or waiting to be handed back, so the
+  client's memory stays bounded whatever the number of chunks.
+
+A worker lost mid-run is handled by Dask: the scheduler recomputes the chunks
+it held. Each chunk's outcome is handed back exactly once, keyed by its chunk
+id, so no image is counted twice.
+
+Known limits: the workers must see the images where the client sees them (a
+manifest's image root on shared storage, or the built-in MNIST files in every
+worker's environment), and a store tag must name a model present in every
+worker's BentoML store. See ``docs/SCALING.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+logger = logging.getLogger(__name__)
+
+LOCAL = "local"
+KERAS_SUFFIX = ".keras"
+TASK_PREFIX = "audit-chunk"
+WORKER_WAIT_SECONDS = 60.0
+WINDOW_REFRESH_SECONDS = 10.0
+TASKS_PER_THREAD = 2
+
+NO_WORKERS = (
+    "no Dask worker joined the scheduler at {address} within {seconds:.0f} s; "
+    "start workers with `dask worker {address}` on machines that can import "
+    "this project, or set dask: local"
+)
+NO_JOB = (
+    "worker {worker} has no audit job {name!r}; the run that submitted this "
+    "chunk has ended"
+)
+MODEL_CHANGED = (
+    "worker {worker} sees a different model file at {path} (sha256 {found}) "
+    "than the client (sha256 {expected}); put one copy on shared storage"
+)
+WRONG_CHUNK = "Dask returned chunk {found} for chunk {expected}"
+
+
+# ------------------------------------------------------------- model source
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a run's workers open, pinned on the client.
+
+    ``key`` names the model for the per-worker cache: the resolved store tag,
+    the absolute path of a ``.keras`` file, or the endpoint URL with its
+    limits. ``sha256`` is the content hash of a ``.keras`` file, checked by
+    every worker so that all of them explain with the same weights.
+    """
+
+    key: str
+    sha256: str | None = None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pin_model(config):
+    """``(config for the workers, ModelSource)`` with the model pinned.
+
+    A store tag such as ``mnist_cnn:latest`` is resolved here to its exact
+    version, so a worker whose store has a newer "latest" still opens the
+    model the client audits. A ``.keras`` path becomes absolute and is hashed.
+    """
+    endpoint = config.endpoint
+    if endpoint.url:
+        limits = sorted(endpoint.model_dump(mode="json").items())
+        return config, ModelSource(f"{endpoint.url} {limits}")
+
+    if config.model.endswith(KERAS_SUFFIX):
+        path = Path(config.model).expanduser().resolve()
+        pinned = config.model_copy(update={"model": str(path)})
+        return pinned, ModelSource(str(path), _file_sha256(path))
+
+    import bentoml
+
+    tag = str(bentoml.models.get(config.model).tag)
+    return config.model_copy(update={"model": tag}), ModelSource(tag)
+
+
+class SharedBackend:
+    """A backend shared by a worker's threads, called as its contract allows.
+
+    A backend declares ``max_in_flight``, how many ``predict`` calls it takes
+    at once (a Keras model in process: one). A worker running several chunks
+    at a time shares one backend between them; this wrapper holds the other
+    callers back so the backend never sees more calls than it declared.
+    Everything else is the wrapped backend's own.
+    """
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._slots = threading.BoundedSemaphore(
+            max(1, int(getattr(backend, "max_in_flight", 1)))
+        )
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def predict(self, x):
+        with self._slots:
+            return self._backend.predict(x)
+
+    def predict_logits(self, x):
+        with self._slots:
+            return self._backend.predict_logits(x)
+
+
+class _BackendCache:
+    """Model backends of one worker process, shared by the runs that use them.
+
+    A backend is opened by the first chunk that needs it and closed when the
+    last run holding it ends.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[str, list] = {}  # key -> [backend, holders]
+
+    def acquire(self, source: ModelSource, config):
+        with self._lock:
+            entry = self._entries.get(source.key)
+            if entry is None:
+                from .runner import open_backend
+
+                started = time.perf_counter()
+                entry = [SharedBackend(open_backend(config)), 0]
+                self._entries[source.key] = entry
+                logger.info(
+                    "opened model %s in %.1f s",
+                    source.key,
+                    time.perf_counter() - started,
+                )
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, source: ModelSource) -> None:
+        with self._lock:
+            entry = self._entries.get(source.key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._entries[source.key]
+                entry[0].close()
+                logger.info("closed model %s", source.key)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries)
+
+
+_BACKENDS = _BackendCache()
+
+
+# ------------------------------------------------------------ worker side
+
+
+class AuditJob(WorkerPlugin):
+    """One run's plan and model source, installed on every worker of the run.
+
+    Registered under a name unique to the run; removed (and its model
+    released) when the run ends.
+    """
+
+    def __init__(self, name: str, config, source: ModelSource, plan):
+        self.name = name
+        self.config = config
+        self.source = source
+        self.plan = plan
+        self._backend = None
+        self._lock = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_backend"] = None
+        state["_lock"] = None
+        return state
+
+    def setup(self, worker) -> None:
+        self._lock = threading.Lock()
+        self._worker = worker.address
+
+    def backend(self):
+        """This worker's backend for the run, opened on first use."""
+        with self._lock:
+            if self._backend is None:
+                if self.source.sha256 is not None:
+                    found = _file_sha256(Path(self.config.model))
+                    if found != self.source.sha256:
+                        raise RuntimeError(
+                            MODEL_CHANGED.format(
+                                worker=self._worker,
+                                path=self.config.model,
+                                found=found[:12],
+                                expected=self.source.sha256[:12],
+                            )
+                        )
+                self._backend = _BACKENDS.acquire(self.source, self.config)
+            return self._backend
+
+    def teardown(self, worker) -> None:
+        if self._backend is not None:
+            self._backend = None
+            _BACKENDS.release(self.source)
+
+
+def _audit_task(job_name: str, chunk_id: int, rows):
+    """Dask task: audit one chunk with the worker's job plugin."""
+    from .runner import audit_chunk
+
+    worker = get_worker()
+    job = worker.plugins.get(job_name)
+    if not isinstance(job, AuditJob):
+        raise RuntimeError(NO_JOB.format(worker=worker.address, name=job_name))
+    return audit_chunk(job.plan, job.backend(), chunk_id, rows)
+
+
+# ------------------------------------------------------------ client side
+
+
+def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1):
+    """A LocalCluster of worker processes set up for TensorFlow.
+
+    ``n_workers`` defaults to one per CPU core. Each worker runs
+    ``threads_per_worker`` chunks at a time and TensorFlow inside it uses
+    ``cores // n_workers`` threads per operation, so the workers together do
+    not oversubscribe the machine.
+    """
+    cores = os.cpu_count() or 1
+    n_workers = n_workers or max(1, cores // threads_per_worker)
+    op_threads = max(1, cores // n_workers)
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        env=worker_environment(op_threads),
+    )
+
+
+def worker_environment(op_threads: int) -> dict[str, str]:
+    """Environment for a worker process that runs TensorFlow.
+
+    TensorFlow reads these when it is first imported, which on a worker is
+    the first chunk it audits.
+    """
+    return {
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        "TF_NUM_INTRAOP_THREADS": str(op_threads),
+        "TF_NUM_INTEROP_THREADS": "1",
+    }
+
+
+def _connect(address: str, stack: ExitStack) -> Client:
+    if address == LOCAL:
+        cluster = stack.enter_context(local_cluster())
+        client = stack.enter_context(Client(cluster, set_as_default=False))
+        logger.info("started a local Dask cluster at %s", cluster.scheduler_address)
+        return client
+    client = stack.enter_context(Client(address, set_as_default=False))
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
+    except TimeoutError as e:
+        raise RuntimeError(
+            NO_WORKERS.format(address=address, seconds=WORKER_WAIT_SECONDS)
+        ) from e
+    return client
+
+
+def _window(client: Client) -> int:
+    threads = sum(client.nthreads().values())
+    return max(2, TASKS_PER_THREAD * threads)
+
+
+def execute_on_dask(config, plan, todo) -> Iterator:
+    """Audit the chunks ``todo`` on Dask; yield their outcomes in chunk order.
+
+    Parameters
+    ----------
+    config:
+        The run's ``AuditConfig``; ``config.dask`` is ``"local"`` (start a
+        LocalCluster with one worker process per core, closed at the end) or
+        a scheduler address such as ``tcp://10.0.0.5:8786``.
+    plan:
+        The run's ``AuditPlan``, sent once to every worker.
+    todo:
+        ``[(chunk_id, rows), ...]`` in the order the outcomes must come back;
+        ``rows`` is an int array of dataset row numbers.
+
+    Yields
+    ------
+    ChunkOutcome
+        One per entry of ``todo``, in the same order, each exactly once, even
+        when a worker is lost and its chunks are recomputed.
+    """
+    if not todo:
+        return
+    worker_config, source = pin_model(config)
+    with ExitStack() as stack:
+        client = _connect(config.dask, stack)
+        name = f"audit-job-{uuid.uuid4().hex[:12]}"
+        workers = client.nthreads()
+        logger.info(
+            "auditing %d chunks with %s on %d Dask workers (%d threads)",
+            len(todo),
+            source.key,
+            len(workers),
+            sum(workers.values()),
+        )
+        started = time.perf_counter()
+        client.register_plugin(AuditJob(name, worker_config, source, plan), name=name)
+        stack.callback(_unregister, client, name)
+        yield from in_chunk_order(client, todo, _audit_task, name)
+        logger.info(
+            "Dask audited %d chunks in %.1f s", len(todo), time.perf_counter() - started
+        )
+
+
+def _unregister(client: Client, name: str) -> None:
+    if client.status != "running":
+        return
+    try:
+        client.unregister_worker_plugin(name)
+    except (OSError, RuntimeError, ValueError) as e:
+        logger.warning("could not remove audit job %s from the workers: %s", name, e)
+
+
+def in_chunk_order(
+    client: Client, todo, task, *args, window: int | None = None
+) -> Iterator:
+    """Run ``task(*args, chunk_id, rows)`` per chunk; yield results in ``todo`` order.
+
+    Every result must carry the ``chunk_id`` it was given. A chunk at position
+    ``p`` is submitted only when ``p < next + window``, where ``next`` is the
+    first position not yet handed back, so tasks in flight plus finished
+    results waiting for an earlier chunk never exceed ``window``, whatever
+    order the chunks finish in. ``window`` defaults to two tasks per worker
+    thread (at least 2) and follows the cluster as workers come and go.
+    """
+    fixed = window is not None
+    window = window if fixed else _window(client)
+    window_checked = time.monotonic()
+    positions: dict = {}  # future key -> position in todo
+    ready: dict[int, object] = {}
+    queue = as_completed(loop=client.loop)
+    submitted = handed_back = 0
+    token = uuid.uuid4().hex[:8]
+    futures = []
+
+    def submit_more():
+        nonlocal submitted
+        while submitted < len(todo) and submitted < handed_back + window:
+            chunk_id, rows = todo[submitted]
+            future = client.submit(
+                task,
+                *args,
+                chunk_id,
+                rows,
+                key=f"{TASK_PREFIX}-{token}-{chunk_id}",
+                priority=-submitted,
+                pure=False,
+            )
+            positions[future.key] = submitted
+            futures.append(future)
+            queue.add(future)
+            submitted += 1
+
+    try:
+        submit_more()
+        for future in queue:
+            position = positions.pop(future.key)
+            outcome = future.result()
+            expected = todo[position][0]
+            if outcome.chunk_id != expected:
+                raise RuntimeError(
+                    WRONG_CHUNK.format(found=outcome.chunk_id, expected=expected)
+                )
+            ready[position] = outcome
+            futures.remove(future)
+            future.release()
+            while handed_back in ready:
+                yield ready.pop(handed_back)
+                handed_back += 1
+            if not fixed and time.monotonic() - window_checked > WINDOW_REFRESH_SECONDS:
+                window, window_checked = _window(client), time.monotonic()
+            submit_more()
+    finally:
+        if futures and client.status == "running":
+            client.cancel(futures)
