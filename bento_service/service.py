@@ -21,7 +21,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from _bentoml_impl import serde as bentoml_serde
-from bentoml.exceptions import BadInput, InvalidArgument
+from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument
 
 from audit.backends import load_backend
 from audit.occlusion import OcclusionSettings
@@ -143,6 +143,40 @@ def _error_object(body: bytes) -> bytes:
     if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
         return json.dumps(parsed[0]).encode()
     return body
+
+
+class ClientErrorLog(logging.Filter):
+    """Log refused requests as one WARNING line instead of an ERROR traceback.
+
+    BentoML logs every exception an API raises with its traceback, client
+    mistakes included; a burst of bad requests would bury real faults. Records
+    for 4xx answers keep their message and lose the traceback; 5xx records
+    pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        status = _client_error_status(error)
+        if status is None:
+            return True
+        request = record.getMessage().removeprefix("Exception on ")
+        record.msg = f"refused {request} with {status}: {error}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno = logging.WARNING
+        record.levelname = logging.getLevelName(logging.WARNING)
+        return True
+
+
+def _client_error_status(error) -> int | None:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return HTTPStatus.BAD_REQUEST.value
+    if isinstance(error, BentoMLException) and 400 <= error.error_code.value < 500:
+        return error.error_code.value
+    return None
 
 
 def prediction_response(probabilities: np.ndarray, class_names) -> dict:
@@ -307,3 +341,4 @@ MnistClassifier.add_asgi_middleware(
     BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes
 )
 MnistClassifier.add_asgi_middleware(ErrorObjectBody)
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())

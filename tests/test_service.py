@@ -339,3 +339,46 @@ def test_4xx_list_body_becomes_an_object():
 )
 def test_other_responses_pass_untouched(status, content_type, body):
     assert _through_error_object(status, content_type, body) == (status, body)
+
+
+# ------------------------------------------------------------ refusal logging
+
+
+def _record_for(error: BaseException):
+    import logging
+
+    try:
+        raise error
+    except BaseException:
+        exc_info = sys.exc_info()
+    return logging.LogRecord(
+        "bentoml._internal.server.http_app",
+        logging.ERROR,
+        __file__,
+        1,
+        "Exception on %s [%s]",
+        ("/predict", "POST"),
+        exc_info,
+    )
+
+
+def test_refusals_are_logged_as_one_warning_line(service_module):
+    import logging
+
+    error = service_module.RequestRefused(
+        "images has shape (2, 2)", error_code=HTTPStatus.UNPROCESSABLE_ENTITY
+    )
+    record = _record_for(error)
+    assert service_module.ClientErrorLog().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == (
+        "refused /predict [POST] with 422: images has shape (2, 2)"
+    )
+
+
+def test_server_faults_keep_their_traceback(service_module):
+    import logging
+
+    record = _record_for(RuntimeError("model exploded"))
+    assert service_module.ClientErrorLog().filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info is not None

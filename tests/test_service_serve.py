@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -34,13 +35,18 @@ load_test = _load_test_module()
 
 
 @pytest.fixture(scope="session")
-def server(stored_model, bentoml_home, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "bentoml-serve.log"
+
+
+@pytest.fixture(scope="session")
+def server(stored_model, bentoml_home, server_log):
     """Base URL of ``bentoml serve`` running the test model from the private store.
 
     The request body limit is lowered to 2 MiB so the 413 path is cheap to
     reach. The server's process group is stopped when the session ends.
     """
-    log = tmp_path_factory.mktemp("serve") / "bentoml-serve.log"
+    log = server_log
     env = dict(os.environ)
     env.update(
         BENTOML_HOME=str(bentoml_home),
@@ -223,6 +229,16 @@ def test_server_stays_up_after_refusals(client, digits):
     assert client.get("/readyz").status_code == 200
     response = client.post("/predict_npy", files=npy_upload(digits[0][:2]))
     assert response.status_code == 200
+
+
+def test_refusals_are_logged_without_tracebacks(client, server_log):
+    client.post("/predict", json={"images": [[0.25, 0.5]]})
+    deadline = time.monotonic() + 10
+    while "shape (1, 2)" not in server_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = server_log.read_text()
+    assert "refused /predict [POST] with 422: images has shape (1, 2)" in text
+    assert "Traceback" not in text
 
 
 def test_small_load_gets_no_5xx(server):
