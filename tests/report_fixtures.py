@@ -318,7 +318,7 @@ def _interval(centre: float, n: int, rng, metric: str, rest: float) -> dict:
 
 def _spread(metric: str) -> float:
     """Interval width of a metric relative to a proportion's."""
-    if metric in ("accuracy", "flip_rate", "mean_confidence"):
+    if metric in ("accuracy", "flip_rate", "mean_confidence", "recall"):
         return 1.0
     return 0.35
 
