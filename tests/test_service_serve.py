@@ -231,6 +231,28 @@ def test_server_stays_up_after_refusals(client, digits):
     assert response.status_code == 200
 
 
+def test_audit_http_backend_against_the_served_model(server, small_model, digits):
+    """The audit's HTTP backend reads the card and gets the model's numbers,
+    and the occlusion engine through it matches the engine in process."""
+    from audit.backends import load_backend
+    from audit.occlusion import OcclusionSettings, explain
+
+    images = digits[0][:8]
+    settings = OcclusionSettings(window=7, stride=7)
+    with load_backend(server) as remote:
+        assert remote.input_shape == (28, 28, 1)
+        assert remote.value_range == (0.0, 1.0)
+        np.testing.assert_allclose(
+            remote.predict(images), small_model.predict_on_batch(images), atol=1e-5
+        )
+        over_http = explain(remote, images, settings=settings)
+    local = load_backend(small_model, class_names=[str(d) for d in range(10)])
+    in_process = explain(local, images, settings=settings)
+    np.testing.assert_allclose(
+        over_http.window_scores, in_process.window_scores, atol=1e-5
+    )
+
+
 def test_refusals_are_logged_without_tracebacks(client, server_log):
     client.post("/predict", json={"images": [[0.25, 0.5]]})
     deadline = time.monotonic() + 10
