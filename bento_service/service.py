@@ -52,8 +52,6 @@ MODEL_MISSING = (
     "`python -m bento_service.train`, or set {var} to a stored tag, or point "
     "BENTOML_HOME at the store that holds it"
 )
-
-
 NO_DOWNLOADS = (
     "{field} must be uploaded as a file; this server does not download URLs or "
     "read text fields in place of files"
