@@ -369,7 +369,7 @@ def test_realistic_audit_report_is_well_under_five_megabytes(html):
 
 def test_large_images_and_many_slices_are_reduced_and_say_so():
     results, arrays = make_audit(
-        n_slices_hint=65, shape=(96, 96), channels=3, writers_judged=True
+        n_slices_hint=65, shape=(72, 72), channels=3, writers_judged=True
     )
 
     html = render_html(results, arrays)
@@ -378,8 +378,8 @@ def test_large_images_and_many_slices_are_reduced_and_say_so():
     judged = sum(s["status"] == "judged" for s in results["slices"])
     assert len(html.encode("utf-8")) < SIZE_LIMIT
     assert f"{judged - MAX_MAP_SLICES} judged slices beyond the first" in text
-    assert "block-averaged to 48×48 (2×2 blocks)" in text
-    assert "block-averaged to 32×32" in text
+    assert "block-averaged to 36×36 (2×2 blocks)" in text
+    assert "block-averaged to 24×24" in text
     assert "further examples are in maps.npz only" in text
 
 
@@ -471,3 +471,17 @@ def test_inline_pictures_are_valid_png_and_svg(page):
     assert base64.b64decode(png[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     decoded = base64.b64decode(svg[0].split(",", 1)[1]).decode()
     assert "<svg" in decoded and not re.search(r"<script|href=\"http", decoded)
+
+
+def test_minimal_results_render():
+    arrays = {
+        "overall_map": np.zeros((28, 28)),
+        "slice_maps": np.zeros((0, 28, 28)),
+        "rest_maps": np.zeros((0, 28, 28)),
+        "slice_class_maps": np.zeros((0, 10, 28, 28)),
+    }
+
+    text = _Page(render_html({"slices": [], "findings": []}, arrays)).plain_text()
+
+    assert "Verdict: unknown" in text
+    assert "No finding" in text
