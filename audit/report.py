@@ -748,7 +748,10 @@ class _View:
                         "uri": figures.heatmap_uri(
                             self._down(class_map, self.class_factor), scale
                         ),
-                        "alt": f"Mean attribution of slice {name}, class {class_name}",
+                        "alt": (
+                            f"Mean attribution of slice {name}, "
+                            f"predicted class {class_name}"
+                        ),
                     }
                 )
             class_rows.append({"name": name, "anchor": f"maps-{i}", "cells": cells})

@@ -278,7 +278,7 @@ def test_maps_share_one_colour_scale_with_a_colour_bar(page, audit):
     images = page.all("img")
     bars = [i for i in images if i["alt"].startswith("Colour scale shared")]
     n_judged = sum(s["status"] == "judged" for s in results["slices"])
-    class_cells = [i for i in images if ", class " in i["alt"]]
+    class_cells = [i for i in images if ", predicted class " in i["alt"]]
     overlays = [i for i in images if i["alt"].startswith("Attribution map over")]
 
     assert len(bars) == 1
