@@ -533,9 +533,15 @@ def image_aligned_bounds(
     return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
 
 
-class _OccludedCopies:
-    """Builds rows of the stream: image ``n``'s row ``j`` is the unoccluded
-    image for ``j == 0`` and the image with window ``j - 1`` occluded after."""
+class OccludedCopies:
+    """The occluded copies of ``images`` as rows of one long stream.
+
+    Row ``n * (K + 1) + j`` is image ``n`` unoccluded for ``j == 0`` and with
+    window ``j - 1`` replaced by the baseline otherwise. Calling it with
+    ``(start, stop)`` returns those rows as float32 ``(stop - start, H, W, C)``;
+    each window is copied with one strided assignment per batch, so building
+    a batch costs about one copy of it.
+    """
 
     def __init__(self, images, grid: WindowGrid, baseline: Baseline):
         self.images = images
@@ -640,7 +646,7 @@ def explain(
     stream_batches(
         backend,
         n * per_image,
-        _OccludedCopies(images, grid, baseline),
+        OccludedCopies(images, grid, baseline),
         consume,
         max_batch=settings.max_batch,
         logits=logits,
