@@ -301,7 +301,7 @@ def metric_info(key: str) -> Metric:
         name = key.split(".", 1)[1]
         return Metric(
             key,
-            f"{name.capitalize()} share",
+            f"{name.replace('_', ' ').capitalize()} share",
             False,
             f"share of the attribution that falls in the {name} region",
         )
@@ -467,6 +467,9 @@ class _View:
             ],
             "judged": counts.get("judged", 0),
             "too_few": counts.get("too_few", 0),
+            "coverage": _coverage_sentence(
+                counts.get("judged", 0), counts.get("too_few", 0)
+            ),
             "min_slice_size": find_setting(
                 self.results.get("config", {}), "min_slice_size"
             ),
@@ -1053,6 +1056,16 @@ def _downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
     side = int(np.ceil(max(image.shape[:2]) / factor))
     channels = np.moveaxis(np.asarray(image, np.float64), -1, 0)
     return np.moveaxis(figures.block_downsample(channels, side), 0, -1)
+
+
+def _coverage_sentence(judged, too_few) -> str:
+    judged, too_few = _int_or_zero(judged), _int_or_zero(too_few)
+    verb = "slice was" if judged == 1 else "slices were"
+    return f"{judged} {verb} judged; {too_few} had too few images to judge"
+
+
+def _int_or_zero(value) -> int:
+    return int(value) if _finite(value) else 0
 
 
 def _slice_anchor(index: int | None) -> str | None:
