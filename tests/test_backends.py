@@ -33,6 +33,7 @@ from audit.backends import (
     ModelBackend,
     ModelOutputError,
     load_backend,
+    npy_upload,
 )
 from audit.occlusion import OcclusionSettings, explain
 
@@ -386,6 +387,26 @@ def test_http_backend_reads_the_card_and_predicts(server):
         assert backend.description["tag"] == "served:test"
         images = np.random.default_rng(0).random((5, 3, 4, 1), dtype=np.float32)
         np.testing.assert_allclose(backend.predict(images), mean_model(images))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1),
+        np.arange(24, dtype=np.float32).reshape(2, 4, 3, 1).transpose(0, 2, 1, 3),
+        np.zeros((0, 3, 4, 1), np.float32),
+    ],
+)
+def test_npy_upload_is_a_multipart_npy_file(array):
+    body, content_type = npy_upload(array)
+    np.testing.assert_array_equal(ModelServer.read_npy(content_type, body), array)
+
+
+def test_empty_batch_sends_no_request(server):
+    server.serve(mean_model, (2, 2, 1), ["a", "b"])
+    with load_backend(server.url) as backend:
+        assert backend.predict(np.zeros((0, 2, 2, 1))).shape == (0, 2)
+    assert server.sizes == []
 
 
 def test_http_backend_accepts_a_flat_card(server):
