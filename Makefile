@@ -35,6 +35,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup lint
+	bash scripts/install_browser.sh
 	$(PY) -m pytest
 
 bench: setup

@@ -35,6 +35,12 @@ class RunLockedError(RuntimeError):
     """Another live process is writing the same run folder."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one."""
     path = Path(path)
@@ -43,6 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent
     )
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -81,3 +81,9 @@ def test_second_job_is_refused_and_dead_holder_lock_recovered(tmp_path):
     # The kernel released the dead holder's lock: the next job gets it.
     with run_lock(tmp_path):
         assert (tmp_path / ".lock").exists()
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path):
+    target = tmp_path / "report.html"
+    atomic_write_text(target, "shared")
+    assert target.stat().st_mode & 0o044 == 0o044
