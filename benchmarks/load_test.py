@@ -278,9 +278,10 @@ def run_load(
 
 
 def summarise(outcomes, wall: float, **settings) -> dict:
-    """Per kind and overall: counts by status class, latency p50 / p99 in ms,
-    requests/s and images/s; ``failures`` counts 5xx, connection errors and
-    invalid requests that were accepted."""
+    """Per kind and overall: counts by status class (429, the server's answer
+    when it holds ``AUDIT_MAX_CONCURRENCY`` requests, counted apart too),
+    latency p50 / p99 in ms, requests/s and images/s; ``failures`` counts
+    5xx, connection errors and invalid requests that were accepted."""
     kinds = {}
     for kind in KINDS:
         rows = [o for o in outcomes if o[0] == kind]
@@ -293,6 +294,7 @@ def summarise(outcomes, wall: float, **settings) -> dict:
             "requests": len(rows),
             "2xx": int(len(ok)),
             "4xx": int(((statuses >= 400) & (statuses < 500)).sum()),
+            "429": int((statuses == 429).sum()),
             "5xx": int((statuses >= 500).sum()),
             "connection_errors": int((statuses == 0).sum()),
             "p50_ms": round(float(np.percentile(latency, 50)), 1),
@@ -309,6 +311,7 @@ def summarise(outcomes, wall: float, **settings) -> dict:
     errors = int((statuses == 0).sum())
     return {
         "settings": settings,
+        "throttled_429": int((statuses == 429).sum()),
         "wall_seconds": round(wall, 2),
         "requests": len(outcomes),
         "requests_per_s": round(len(outcomes) / wall, 1),
@@ -324,18 +327,19 @@ def summarise(outcomes, wall: float, **settings) -> dict:
 
 def format_report(report: dict) -> str:
     header = (
-        f"{'kind':<12}{'requests':>9}{'2xx':>6}{'4xx':>6}{'5xx':>6}{'conn':>6}"
+        f"{'kind':<12}{'requests':>9}{'2xx':>6}{'4xx':>6}{'429':>6}{'5xx':>6}{'conn':>6}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'img/s':>9}"
     )
     lines = [header]
     for kind, row in report["by_kind"].items():
         lines.append(
             f"{kind:<12}{row['requests']:>9}{row['2xx']:>6}{row['4xx']:>6}"
-            f"{row['5xx']:>6}{row['connection_errors']:>6}{row['p50_ms']:>9}"
+            f"{row['429']:>6}{row['5xx']:>6}{row['connection_errors']:>6}{row['p50_ms']:>9}"
             f"{row['p99_ms']:>9}{row['requests_per_s']:>8}{row['images_per_s']:>9}"
         )
     lines.append(
-        f"{'all':<12}{report['requests']:>9}{'':>6}{'':>6}{report['5xx']:>6}"
+        f"{'all':<12}{report['requests']:>9}{'':>6}{'':>6}"
+        f"{report['throttled_429']:>6}{report['5xx']:>6}"
         f"{report['connection_errors']:>6}{report['p50_ms']:>9}{report['p99_ms']:>9}"
         f"{report['requests_per_s']:>8}"
     )

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_TAG_ENV = "AUDIT_MODEL_TAG"
 MODEL_TAG = os.environ.get(MODEL_TAG_ENV) or f"{MODEL_NAME}:latest"
+SERVER_LIMITS = Limits.from_env()
 EXPLAIN_MAX_BATCH = 1024
 """Perturbed copies sent through the model in one call by ``explain``."""
 
@@ -212,7 +213,7 @@ def explanation_response(result, settings: ExplainSettings, class_names) -> dict
 @bentoml.service(
     name="mnist_classifier",
     workers=1,
-    traffic={"timeout": 60},
+    traffic={"timeout": 60, "max_concurrency": SERVER_LIMITS.max_concurrency},
 )
 class MnistClassifier:
     """Serves the stored classifier: predict, predict_npy, explain, metadata."""
@@ -336,7 +337,7 @@ class MnistClassifier:
 
 
 MnistClassifier.add_asgi_middleware(
-    BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes
+    BodySizeLimit, max_bytes=SERVER_LIMITS.max_request_bytes
 )
 MnistClassifier.add_asgi_middleware(ErrorObjectBody)
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLog())

@@ -34,6 +34,7 @@ UNPROCESSABLE = 422
 MAX_BATCH_ENV = "AUDIT_MAX_BATCH"
 MAX_REQUEST_BYTES_ENV = "AUDIT_MAX_REQUEST_BYTES"
 MAX_EXPLAIN_WINDOWS_ENV = "AUDIT_MAX_EXPLAIN_WINDOWS"
+MAX_CONCURRENCY_ENV = "AUDIT_MAX_CONCURRENCY"
 
 RANGE_TOLERANCE = 1e-6
 """Values may leave ``value_range`` by this share of its width (rounding)."""
@@ -110,15 +111,18 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost; read from the environment at start-up.
+    """What requests may cost; read from the environment at start-up.
 
     ``max_batch`` images per predict request, ``max_request_bytes`` bytes of
-    request body, ``max_explain_windows`` occlusion windows per explain request.
+    request body, ``max_explain_windows`` occlusion windows per explain
+    request, ``max_concurrency`` requests in the server at once (more are
+    answered 429).
     """
 
     max_batch: int = 4096
     max_request_bytes: int = 64 * 2**20
     max_explain_windows: int = 1024
+    max_concurrency: int = 32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
@@ -134,6 +138,7 @@ class Limits:
             ("max_batch", MAX_BATCH_ENV),
             ("max_request_bytes", MAX_REQUEST_BYTES_ENV),
             ("max_explain_windows", MAX_EXPLAIN_WINDOWS_ENV),
+            ("max_concurrency", MAX_CONCURRENCY_ENV),
         ):
             raw = environ.get(var)
             if raw is None or raw.strip() == "":

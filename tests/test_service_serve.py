@@ -275,3 +275,26 @@ def test_small_load_gets_no_5xx(server):
     assert (
         report["by_kind"]["invalid"]["4xx"] == report["by_kind"]["invalid"]["requests"]
     )
+
+
+def test_requests_over_the_concurrency_limit_get_429(stored_model, bentoml_home):
+    """A server allowing one request at a time answers the rest 429, not 5xx."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ)
+    env.update(
+        BENTOML_HOME=str(bentoml_home),
+        AUDIT_MODEL_TAG=stored_model,
+        AUDIT_MAX_CONCURRENCY="1",
+    )
+    body = {"image": np.zeros((28, 28)).tolist(), "window": 1, "stride": 1}
+    with (
+        load_test.served(env) as url,
+        httpx.Client(base_url=url, timeout=60) as session,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        responses = list(
+            pool.map(lambda _: session.post("/explain", json=body), range(8))
+        )
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes

@@ -71,7 +71,7 @@ def refused(status: int, *words: str):
 
 
 def test_limits_default_without_env():
-    assert Limits.from_env({}) == Limits(4096, 64 * 2**20, 1024)
+    assert Limits.from_env({}) == Limits(4096, 64 * 2**20, 1024, 32)
 
 
 def test_limits_read_from_env():
@@ -79,8 +79,9 @@ def test_limits_read_from_env():
         "AUDIT_MAX_BATCH": "8",
         "AUDIT_MAX_REQUEST_BYTES": "1000",
         "AUDIT_MAX_EXPLAIN_WINDOWS": " 49 ",
+        "AUDIT_MAX_CONCURRENCY": "2",
     }
-    assert Limits.from_env(env) == Limits(8, 1000, 49)
+    assert Limits.from_env(env) == Limits(8, 1000, 49, 2)
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "lots", "1.5"])
