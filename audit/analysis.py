@@ -69,6 +69,7 @@ from . import findings as findings_module
 
 logger = logging.getLogger(__name__)
 
+SCHEMA_VERSION = 1
 MAX_PERMUTATIONS = 20000
 _BATCH_ELEMENTS = 4_000_000
 _OUTPUTS_PER_CALL = 1536
@@ -126,9 +127,10 @@ def analyze(acc, slice_set, settings: StatisticsSettings, rules: Iterable) -> di
     Returns
     -------
     dict
-        ``overall``, ``slices``, ``findings``, ``verdict``, ``counts``,
-        ``examples`` (``slice``, ``kind``, ``row`` for the report's example
-        images) and ``statistics`` (how the numbers were computed).
+        ``schema_version``, ``overall``, ``slices``, ``findings``,
+        ``verdict``, ``counts``, ``examples`` (``slice``, ``kind``, ``row``
+        for the report's example images) and ``statistics`` (how the numbers
+        were computed).
     """
     started = time.perf_counter()
     rules = list(rules)
@@ -213,6 +215,7 @@ def analyze(acc, slice_set, settings: StatisticsSettings, rules: Iterable) -> di
         elapsed,
     )
     return {
+        "schema_version": SCHEMA_VERSION,
         "verdict": findings_module.verdict(found),
         "counts": counts,
         "overall": overall,
