@@ -142,7 +142,7 @@ def _overrides(args) -> dict:
     put("output", args.output and str(args.output))
     put("run_id", args.run_id)
     put("fail_on", args.fail_on)
-    put("seed", args.seed)
+    put("statistics.seed", args.seed)
     put("dask", args.dask)
     put("chunk_size", args.chunk_size)
     return out

@@ -97,14 +97,21 @@ class EndpointConfig(_Strict):
 
 
 class AuditConfig(_Strict):
-    """Everything one audit run needs."""
+    """Everything one audit run needs.
+
+    ``slices`` left out means: every attribute column of the dataset, plus the
+    derived image attributes (brightness, contrast, ink area, and for
+    single-channel images stroke thickness and slant) in quartiles, plus
+    each attribute column crossed with stroke thickness. ``statistics.seed``
+    seeds every resampling test.
+    """
 
     model: str = "mnist_cnn:latest"
     endpoint: EndpointConfig = EndpointConfig()
     dataset: DatasetConfig = DatasetConfig()
     occlusion: OcclusionConfig = OcclusionConfig()
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
-    slices: SliceSettings = SliceSettings()
+    slices: SliceSettings | None = None
     statistics: StatisticsSettings = StatisticsSettings()
     rules: list[FindingRule] = Field(default_factory=default_rules)
     output: Path = Path("runs")
@@ -112,7 +119,6 @@ class AuditConfig(_Strict):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
     )
     fail_on: Literal["low", "medium", "high", "never"] = "high"
-    seed: int = 0
     chunk_size: Annotated[int, Field(gt=0, le=1_000_000)] = 2048
     dask: str | None = None
 

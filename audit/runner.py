@@ -31,9 +31,9 @@ from .backends import load_backend
 from .checkpoint import Checkpoint, remove_stale_temp_files, run_lock
 from .config import AuditConfig, config_dict
 from .faithfulness import deletion_insertion
-from .morphometry import measure
+from .morphometry import SHAPE_ATTRIBUTES, measure_dataset
 from .occlusion import OcclusionSettings, WindowGrid, explain
-from .slices import SliceSet
+from .slices import SliceSet, SliceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,20 @@ def check_compatible(dataset: datasets.Dataset, backend) -> None:
             f"dataset has label {int(bad[0])} but the model has {n_classes} classes "
             f"({backend.class_names})"
         )
+
+
+def default_slices(dataset: datasets.Dataset) -> SliceSettings:
+    """Slices for a config that names none (see :class:`AuditConfig`)."""
+    columns = dataset.attribute_columns
+    derived = ["brightness", "contrast", "ink_area"]
+    if dataset.image_shape[2] == 1:
+        derived += list(SHAPE_ATTRIBUTES)
+    crossing = "thickness" if "thickness" in derived else derived[0]
+    return SliceSettings(
+        columns=columns,
+        derived=derived,
+        intersections=[[column, crossing] for column in columns],
+    )
 
 
 def chunk_rows(n: int, chunk_size: int) -> list[np.ndarray]:
@@ -272,29 +286,6 @@ def run_audit(config: AuditConfig, *, quiet: bool = False) -> RunOutcome:
         backend.close()
 
 
-def _derived_attributes(dataset, config: AuditConfig) -> dict[str, np.ndarray]:
-    """Per-image derived attributes (brightness, thickness, ...) for slicing."""
-    wanted = config.slices.derived
-    if not wanted:
-        return {}
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    positions: list[np.ndarray] = []
-    for rows in chunk_rows(len(dataset), config.chunk_size):
-        loaded = dataset.load(rows)
-        values = measure(loaded.images, wanted)
-        for name in wanted:
-            columns[name].append(values[name])
-        positions.append(loaded.rows)
-    rows = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    out = {}
-    for name in wanted:
-        full = np.full(len(dataset), np.nan)
-        if len(rows):
-            full[rows] = np.concatenate(columns[name])
-        out[name] = full
-    return out
-
-
 def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
     settings = occlusion_settings(config)
     logger.info(
@@ -305,8 +296,9 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
         run_dir,
     )
 
-    derived = _derived_attributes(dataset, config)
-    slice_set = SliceSet.build(dataset.table, config.slices, derived)
+    slicing = config.slices or default_slices(dataset)
+    derived = measure_dataset(dataset, slicing.derived) if slicing.derived else None
+    slice_set = SliceSet.build(dataset.table, slicing, derived)
     grid = WindowGrid(dataset.image_shape[:2], settings.window, settings.stride)
     spec = {
         "n_slices": len(slice_set),
@@ -362,7 +354,7 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
         "started_at": started_at.isoformat(timespec="seconds"),
         "finished_at": finished_at.isoformat(timespec="seconds"),
         "duration_seconds": round(time.perf_counter() - clock, 3),
-        "seed": config.seed,
+        "seed": config.statistics.seed,
         "versions": versions(),
         "resumed": bool(extra),
     }

@@ -101,7 +101,9 @@ def test_missing_model_is_a_runtime_failure(tmp_path, capsys):
 def _strip_timing(results):
     results = dict(results)
     results["run"] = {k: v for k, v in results["run"].items() if k not in TIMING_KEYS}
-    results["config"] = {k: v for k, v in results["config"].items() if k != "run_id"}
+    results["config"] = {
+        k: v for k, v in results["config"].items() if k not in ("run_id", "output")
+    }
     return results
 
 
