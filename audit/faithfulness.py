@@ -29,6 +29,7 @@ from .occlusion import (
     OcclusionSettings,
     check_images,
     explain,
+    image_aligned_bounds,
     stream_batches,
 )
 
@@ -64,44 +65,44 @@ class FaithfulnessCurves:
 
 
 def pixel_order(maps: np.ndarray) -> np.ndarray:
-    """Rank of every pixel by attribution: ``(N, H * W)`` int, 0 = highest.
+    """Rank of every pixel by attribution: ``(N, H * W)`` ints, 0 = highest.
 
     Ties keep row-major pixel order, so the ranking is deterministic.
     """
     flat = np.asarray(maps, dtype=np.float32).reshape(len(maps), -1)
     order = np.argsort(-flat, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(flat.shape[1])[None, :], axis=1)
+    kind = np.int16 if flat.shape[1] <= np.iinfo(np.int16).max else np.int64
+    ranks = np.empty(order.shape, dtype=kind)
+    positions = np.arange(flat.shape[1], dtype=kind)[None, :]
+    np.put_along_axis(ranks, order, positions, axis=1)
     return ranks
 
 
 class _CurveImages:
-    """Rows of the stream: image ``n``, curve (deletion, insertion), point ``s``."""
+    """Rows of the stream: image ``n``, curve (deletion, insertion), point ``s``.
+
+    Image ``n``'s rows are ``n * 2 * S + s`` for deletion point ``s`` and
+    ``n * 2 * S + S + s`` for insertion point ``s`` (``S = steps + 1``).
+    """
 
     def __init__(self, images, ranks, counts, baseline: Baseline):
         self.images = images
         self.ranks = ranks
-        self.counts = counts
+        self.counts = counts.astype(ranks.dtype)
         self.per_image = 2 * len(counts)
         self.baseline = baseline
 
     def __call__(self, start: int, end: int) -> np.ndarray:
-        rows = np.arange(start, end)
-        image = rows // self.per_image
-        within = rows % self.per_image
-        insertion = within >= len(self.counts)
-        count = self.counts[within % len(self.counts)]
-
-        first = image[0]
-        originals = self.images[first : image[-1] + 1]
+        per = self.per_image
+        first, last = start // per, (end - 1) // per + 1
+        originals = self.images[first:last]
         base = np.broadcast_to(self.baseline.of(originals), originals.shape)
-        local = image - first
-        chosen = self.ranks[image] < count[:, None]
-        chosen = chosen.reshape(len(rows), *self.images.shape[1:3], 1)
-        replace = chosen ^ insertion[:, None, None, None]
-        out = originals[local]
-        np.copyto(out, base[local], where=replace)
-        return out
+        chosen = self.ranks[first:last, None, :] < self.counts[None, :, None]
+        replace = np.concatenate([chosen, ~chosen], axis=1)
+        replace = replace.reshape(last - first, per, *originals.shape[1:3], 1)
+        out = np.where(replace, base[:, None], originals[:, None])
+        out = out.reshape(-1, *originals.shape[1:])
+        return out[start - first * per : end - first * per]
 
 
 def deletion_insertion(
@@ -170,7 +171,14 @@ def deletion_insertion(
     def consume(start, end, values):
         flat[start:end] = values[np.arange(end - start), row_target[start:end]]
 
-    stream_batches(backend, n * per_image, build, consume, max_batch=settings.max_batch)
+    stream_batches(
+        backend,
+        n * per_image,
+        build,
+        consume,
+        max_batch=settings.max_batch,
+        bounds=image_aligned_bounds(n, per_image, settings.max_batch),
+    )
     deletion = probabilities[:, : steps + 1]
     insertion = probabilities[:, steps + 1 :]
     return FaithfulnessCurves(
