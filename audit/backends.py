@@ -67,6 +67,11 @@ class ModelBackend(Protocol):
     ``description`` is the model card (``source``, ``tag`` where known,
     ``metadata``). ``predict`` maps float32 ``(N, H, W, C)`` to float32
     probabilities ``(N, len(class_names))``.
+
+    Two optional members are used when present: ``max_in_flight`` (int,
+    default 1), how many ``predict`` calls the engine may have running at once,
+    and ``has_logits`` with ``predict_logits(x)``, the pre-softmax scores that
+    output space ``logit`` needs.
     """
 
     input_shape: tuple[int, int, int]

@@ -64,7 +64,7 @@ class OcclusionError(ValueError):
     """Images, labels or settings that the engine cannot use as given."""
 
 
-def _pair(value, name: str) -> tuple[int, int]:
+def size_pair(value, name: str) -> tuple[int, int]:
     """``(h, w)`` from an int or a pair of ints; refuses anything else."""
     items = (value, value) if np.ndim(value) == 0 else tuple(value)
     if len(items) != 2:
@@ -125,8 +125,8 @@ class OcclusionSettings:
     max_batch: int = 1024
 
     def __post_init__(self):
-        window = _pair(self.window, "window")
-        stride = _pair(self.stride, "stride")
+        window = size_pair(self.window, "window")
+        stride = size_pair(self.stride, "stride")
         if min(window) < 1:
             raise OcclusionError(f"window {window} must be at least 1 pixel each side")
         if min(stride) < 1:
@@ -186,9 +186,9 @@ class WindowGrid:
     """
 
     def __init__(self, image_hw, window, stride):
-        height, width = _pair(image_hw, "image_hw")
-        window = _pair(window, "window")
-        stride = _pair(stride, "stride")
+        height, width = size_pair(image_hw, "image_hw")
+        window = size_pair(window, "window")
+        stride = size_pair(stride, "stride")
         if min(window) < 1:
             raise OcclusionError(f"window {window} must be at least 1 pixel each side")
         if min(stride) < 1:
@@ -327,7 +327,8 @@ def check_images(images, backend) -> np.ndarray:
     return array
 
 
-def _check_labels(labels, n: int, n_classes: int) -> np.ndarray:
+def check_labels(labels, n: int, n_classes: int) -> np.ndarray:
+    """``labels`` as int64 ``(n,)`` class indices below ``n_classes``, or an error."""
     if labels is None:
         raise OcclusionError("target 'label' needs labels: pass labels=(N,) ints")
     array = np.asarray(labels)
@@ -630,7 +631,7 @@ def explain(
     n_classes = len(backend.class_names)
     grid = WindowGrid((height, width), settings.window, settings.stride)
     if settings.target == "label":
-        labels = _check_labels(labels, n, n_classes)
+        labels = check_labels(labels, n, n_classes)
     logits = settings.output == "logit"
     if logits and not getattr(backend, "has_logits", False):
         raise OcclusionError(NEEDS_LOGITS.format(kind=type(backend).__name__))

@@ -74,7 +74,7 @@ class RiseSettings:
     seed: int = 0
 
     def __post_init__(self):
-        cells = occlusion._pair(self.cells, "cells")
+        cells = occlusion.size_pair(self.cells, "cells")
         if min(cells) < 1:
             raise OcclusionError(f"cells {cells} must be at least 1 each way")
         object.__setattr__(self, "cells", cells)
@@ -154,7 +154,7 @@ def generate_masks(
     offset below one cell, so cell edges fall anywhere in the image.
     """
     height, width = image_hw
-    rows, cols = occlusion._pair(cells, "cells")
+    rows, cols = occlusion.size_pair(cells, "cells")
     rng = np.random.default_rng(seed)
     cell_h, cell_w = math.ceil(height / rows), math.ceil(width / cols)
     up_h, up_w = (rows + 1) * cell_h, (cols + 1) * cell_w
@@ -243,7 +243,7 @@ def explain(
 
     probs = _probabilities(backend, images, settings.max_batch)
     if settings.target == "label":
-        targets = occlusion._check_labels(labels, n, n_classes)
+        targets = occlusion.check_labels(labels, n, n_classes)
     else:
         targets = probs.argmax(axis=1).astype(np.int64)
 
