@@ -53,6 +53,9 @@ TASK_PREFIX = "audit-chunk"
 WORKER_WAIT_SECONDS = 60.0
 WINDOW_REFRESH_SECONDS = 10.0
 TASKS_PER_THREAD = 2
+# Without a dashboard the scheduler still serves /health on a port, by default
+# 8787; a free port chosen by the OS lets several local clusters coexist.
+QUIET_SCHEDULER = {"dashboard_address": "127.0.0.1:0"}
 
 NO_WORKERS = (
     "no Dask worker joined the scheduler at {address} within {seconds:.0f} s; "
@@ -259,22 +262,27 @@ def _audit_task(job_name: str, chunk_id: int, rows):
 # ------------------------------------------------------------ client side
 
 
-def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1):
+def local_cluster(n_workers: int = 1, threads_per_worker: int | None = None):
     """A LocalCluster of worker processes set up for TensorFlow.
 
-    ``n_workers`` defaults to one per CPU core. Each worker runs
-    ``threads_per_worker`` chunks at a time and TensorFlow inside it uses
-    ``cores // n_workers`` threads per operation, so the workers together do
-    not oversubscribe the machine.
+    The default is one worker process with one thread per CPU core: the
+    model is imported and opened once, TensorFlow spreads each batch over
+    all cores, and while one chunk's batch runs the other threads load and
+    fold the next chunks. Several workers on one machine each pay for a
+    TensorFlow import and a copy of the model, which only pays off when the
+    model is slow enough to keep them all busy. TensorFlow inside each worker
+    uses ``cores // n_workers`` threads per operation, so the workers
+    together do not oversubscribe the machine.
     """
     cores = os.cpu_count() or 1
-    n_workers = n_workers or max(1, cores // threads_per_worker)
+    threads_per_worker = threads_per_worker or cores
     op_threads = max(1, cores // n_workers)
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
         dashboard_address=None,
+        scheduler_kwargs=QUIET_SCHEDULER,
         env=worker_environment(op_threads),
     )
 
@@ -320,8 +328,8 @@ def execute_on_dask(config, plan, todo) -> Iterator:
     ----------
     config:
         The run's ``AuditConfig``; ``config.dask`` is ``"local"`` (start a
-        LocalCluster with one worker process per core, closed at the end) or
-        a scheduler address such as ``tcp://10.0.0.5:8786``.
+        :func:`local_cluster` for this run and close it at the end) or a
+        scheduler address such as ``tcp://10.0.0.5:8786``.
     plan:
         The run's ``AuditPlan``, sent once to every worker.
     todo:
