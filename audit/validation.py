@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,9 +50,23 @@ WINDOW = (6, 6)
 STRIDE = (4, 4)
 
 
-# Sizes of the test-suite versions; the full versions are the functions'
-# defaults. ``randomised_weights`` matches tests/conftest.py's small_model.
+# Sizes of the experiments. ``reference`` is the real-MNIST model that
+# null_slices and randomised_weights share; FULL repeats the functions'
+# defaults, FAST's reference matches tests/conftest.py's small_model.
+FULL = {
+    "reference": {"n_train": 20_000, "epochs": 2, "width": 16},
+    "planted_shortcut": {
+        "n_train": 30_000,
+        "n_test": 10_000,
+        "epochs": 2,
+        "width": 16,
+        "n_explained": 2_000,
+    },
+    "null_slices": {"n_images": 2_000, "n_trials": 200},
+    "randomised_weights": {"n_images": 1_000},
+}
 FAST = {
+    "reference": {"n_train": 4_000, "epochs": 2, "width": 8},
     "planted_shortcut": {
         "n_train": 6_000,
         "n_test": 2_000,
@@ -59,7 +74,8 @@ FAST = {
         "width": 8,
         "n_explained": 300,
     },
-    "randomised_weights": {"n_train": 4_000, "epochs": 2, "width": 8, "n_images": 200},
+    "null_slices": {"n_images": 1_000, "n_trials": 20},
+    "randomised_weights": {"n_images": 200},
 }
 
 
@@ -440,7 +456,7 @@ def planted_shortcut(
             "occlusion": {"window": list(WINDOW), "stride": list(STRIDE)},
             "output": str(output),
             "run_id": PLANTED_RUN_ID,
-            "seed": seed,
+            "statistics": {"seed": seed},
         }
     )
     outcome = run_audit(config, quiet=True)
@@ -550,6 +566,298 @@ def _own_marker_shares(model, data: ShortcutData, n_explained: int) -> dict:
         maps = explain(backend, data.images[rows], None, occlusion_settings()).maps
         shares[name] = own_marker_share(maps, data, rows)
     return shares
+
+
+# --------------------------------------------------------------------- null
+
+
+def random_slice_table(labels, levels, rng) -> tuple:
+    """A dataset table with one random column per entry of ``levels``.
+
+    Column ``random_<k>`` assigns every image one of ``k`` values
+    (``g0``..``g<k-1>``) uniformly at random, so no slice differs from the
+    rest except by chance. Returns ``(table, column names)``.
+    """
+    import pandas as pd
+
+    n = len(labels)
+    table = pd.DataFrame({"id": np.arange(n).astype(str), "label": labels})
+    columns = []
+    for k in levels:
+        name = f"random_{k}"
+        table[name] = np.char.add("g", rng.integers(0, k, n).astype(str))
+        columns.append(name)
+    return table, columns
+
+
+def null_slices(
+    *,
+    n_train: int = 20_000,
+    epochs: int = 2,
+    width: int = 16,
+    n_images: int = 2_000,
+    n_trials: int = 200,
+    levels: tuple[int, ...] = (2, 3, 5),
+    seed: int = 0,
+    model=None,
+    n_bootstrap: int = 100,
+    quantile: float = 0.99,
+    workers: int = 2,
+) -> Experiment:
+    """Random slices of real model outputs: how often does the audit find bias?
+
+    The model explains the first ``n_images`` MNIST test images once; then, in
+    each of ``n_trials`` trials, new random columns slice those images
+    (``random_<k>`` for each ``k`` in ``levels``, plus the intersection of the
+    first two) and the statistics layer (:class:`AuditAccumulator`,
+    :func:`audit.analysis.analyze`) judges them with the default statistics
+    settings and finding rules. Every finding is false.
+
+    Parameters
+    ----------
+    n_train, epochs, width, model:
+        The real-MNIST model, as in :func:`randomised_weights`.
+    n_images, n_trials, levels:
+        Images explained once, trials, and the number of values of each
+        random column.
+    seed:
+        Seeds the training, the random columns and each trial's permutations.
+    n_bootstrap:
+        Bootstrap resamples per trial. Findings depend on corrected p-values
+        and point gaps only, never on the intervals, so the trials use few
+        resamples to save time.
+    quantile:
+        The check allows the observed rate of trials with a finding up to this
+        quantile of the Binomial(``n_trials``, configured rate) distribution
+        divided by ``n_trials``: a margin set by the number of trials, not by
+        hand.
+    workers:
+        Processes the trials are spread over (1: in this process). Trials are
+        independent and seeded by their number, so the result does not depend
+        on it. Workers are spawned, so a script calling this with more than
+        one worker needs the usual ``if __name__ == "__main__":`` guard.
+
+    Returns
+    -------
+    Experiment
+        Numbers: the rate of trials with any finding and its exact (Clopper-
+        Pearson) 95% interval, the configured rate (the largest ``max_p`` of
+        the rules: Holm's correction keeps the chance of any finding in a
+        trial at most that), the share of single tests with a raw p-value
+        below it, and the findings by metric.
+    """
+    from scipy import stats
+
+    from .backends import load_backend
+    from .config import AuditConfig
+    from .occlusion import explain
+
+    started = time.perf_counter()
+    if model is None:
+        train_x, train_y = mnist_images("train", n_train)
+        model = train_model(train_x, train_y, epochs=epochs, width=width, seed=seed)
+    images, labels = mnist_images("test", n_images)
+    result = explain(load_backend(model), images, labels, occlusion_settings())
+    configured_rate = max(rule.max_p for rule in AuditConfig().rules)
+
+    state = {
+        "labels": labels,
+        "probs": result.probs,
+        "window_scores": result.window_scores,
+        "maps": result.maps,
+        "max_drop": result.max_drop,
+        "flipped": result.flipped,
+        "grid_shape": result.grid.shape,
+        "levels": tuple(levels),
+        "seed": seed,
+        "n_bootstrap": n_bootstrap,
+    }
+    outcomes = _run_trials(state, n_trials, workers)
+
+    trials_with_finding = sum(bool(o["findings"]) for o in outcomes)
+    by_metric: dict[str, int] = {}
+    for outcome in outcomes:
+        for metric in outcome["findings"]:
+            by_metric[metric] = by_metric.get(metric, 0) + 1
+    raw_total = sum(len(o["raw_p"]) for o in outcomes)
+    raw_below = sum(sum(p < configured_rate for p in o["raw_p"]) for o in outcomes)
+    family_sizes = {o["family_size"] for o in outcomes}
+    permutations = {o["n_permutations"] for o in outcomes}
+
+    rate = trials_with_finding / n_trials
+    interval = stats.binomtest(trials_with_finding, n_trials).proportion_ci(
+        confidence_level=0.95, method="exact"
+    )
+    allowed = float(stats.binom.ppf(quantile, n_trials, configured_rate)) / n_trials
+    numbers = {
+        "n_trials": n_trials,
+        "trials_with_finding": trials_with_finding,
+        "false_finding_rate": round(rate, 4),
+        "false_finding_rate_ci95": [
+            round(interval.low, 4),
+            round(interval.high, 4),
+        ],
+        "configured_rate": configured_rate,
+        "allowed_rate": round(allowed, 4),
+        "findings_by_metric": by_metric,
+        "raw_tests": raw_total,
+        "raw_p_below_configured_rate": round(raw_below / max(raw_total, 1), 4),
+        "family_size": sorted(family_sizes),
+        "n_permutations": sorted(permutations),
+        "model_accuracy": round(
+            float((result.probs.argmax(axis=1) == labels).mean()), 4
+        ),
+    }
+    checks = [
+        Check(
+            "rate of trials with a finding",
+            rate,
+            "<=",
+            allowed,
+            f"the configured rate {configured_rate:g} plus the binomial "
+            f"{quantile:g} quantile's margin for {n_trials} trials",
+        )
+    ]
+    logger.info(
+        "null slices: %d of %d trials with a finding (rate %.3f, 95%% CI %.3f-%.3f; "
+        "configured %.3f)",
+        trials_with_finding,
+        n_trials,
+        rate,
+        interval.low,
+        interval.high,
+        configured_rate,
+    )
+    return Experiment(
+        "null_slices",
+        checks,
+        numbers,
+        {
+            "n_train": n_train,
+            "epochs": epochs,
+            "width": width,
+            "n_images": n_images,
+            "n_trials": n_trials,
+            "levels": list(levels),
+            "intersections": "first two random columns",
+            "n_bootstrap": n_bootstrap,
+            "quantile": quantile,
+            "workers": workers,
+            "seed": seed,
+            "window": list(WINDOW),
+            "stride": list(STRIDE),
+        },
+        time.perf_counter() - started,
+    )
+
+
+# Set in each process that runs null trials (see _run_trials).
+_TRIAL_STATE: dict = {}
+
+
+def _init_trials(state: dict) -> None:
+    """Hold the explained images' outputs for the trials of this process."""
+    _TRIAL_STATE.clear()
+    _TRIAL_STATE.update(state)
+
+
+def _null_trial(trial: int) -> dict:
+    """One null trial on the outputs in ``_TRIAL_STATE``.
+
+    Returns the metrics of its findings, the raw p-values of every test a
+    rule judges, the size of the corrected family and the permutations used.
+    """
+    from types import SimpleNamespace
+
+    from .accumulate import AuditAccumulator
+    from .analysis import analyze
+    from .config import AuditConfig
+    from .slices import SliceSet, SliceSettings
+
+    state = _TRIAL_STATE
+    labels = state["labels"]
+    defaults = AuditConfig()
+    rules = list(defaults.rules)
+    tested = sorted({rule.metric for rule in rules})
+
+    rng = np.random.default_rng([state["seed"], trial])
+    table, columns = random_slice_table(labels, state["levels"], rng)
+    settings = SliceSettings(columns=columns, intersections=[columns[:2]])
+    with _quiet("audit.slices", "audit.analysis"):
+        slice_set = SliceSet.build(table, settings)
+        result = SimpleNamespace(
+            **{
+                key: state[key]
+                for key in ("probs", "window_scores", "maps", "max_drop", "flipped")
+            }
+        )
+        accumulator = AuditAccumulator(
+            len(slice_set),
+            result.probs.shape[1],
+            result.maps.shape[1:3],
+            state["grid_shape"],
+        )
+        accumulator.add(np.arange(len(labels)), labels, slice_set.membership, result)
+        statistics = defaults.statistics.model_copy(
+            update={
+                "n_bootstrap": state["n_bootstrap"],
+                "seed": state["seed"] * 100_003 + trial,
+            }
+        )
+        results = analyze(accumulator, slice_set, statistics, rules)
+
+    raw_p = [
+        entry["metrics"][metric]["p_value"]
+        for entry in results["slices"]
+        if entry["status"] == "judged"
+        for metric in tested
+        if entry["metrics"].get(metric, {}).get("p_value") is not None
+    ]
+    return {
+        "findings": [f["metric"] for f in results["findings"]],
+        "raw_p": raw_p,
+        "family_size": results["statistics"]["family_size"],
+        "n_permutations": results["statistics"]["n_permutations"],
+    }
+
+
+def _run_trials(state: dict, n_trials: int, workers: int) -> list[dict]:
+    """Outcomes of trials ``0..n_trials-1``, in order, on ``workers`` processes.
+
+    Worker processes are spawned (not forked: the parent runs TensorFlow's
+    threads) and import only the statistics modules.
+    """
+    if workers <= 1:
+        _init_trials(state)
+        try:
+            return [_null_trial(t) for t in range(n_trials)]
+        finally:
+            _TRIAL_STATE.clear()
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_trials,
+        initargs=(state,),
+    ) as pool:
+        return list(pool.map(_null_trial, range(n_trials)))
+
+
+@contextmanager
+def _quiet(*names: str):
+    """Raise the named loggers to WARNING for a block (per-trial INFO lines)."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, previous, strict=True):
+            each.setLevel(level)
 
 
 # ------------------------------------------------------------------- sanity
@@ -672,3 +980,141 @@ def _summary(values: np.ndarray) -> dict:
         "q75": round(float(q75), 4),
         "n": int(finite.size),
     }
+
+
+# ---------------------------------------------------------------------- CLI
+
+RESULTS_FILE = "validation.json"
+EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+EXPERIMENTS = ("planted_shortcut", "null_slices", "randomised_weights")
+
+
+def run_all(output, *, sizes: dict = FULL, seed: int = 0, only=None) -> dict:
+    """Run the experiments (all, or those named in ``only``) and write
+    ``validation.json`` into ``output``; return its content.
+
+    ``sizes`` is :data:`FULL` or :data:`FAST` (or a dict shaped like them).
+    """
+    from .checkpoint import atomic_write_json
+    from .report import to_json_safe
+    from .runner import versions
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    chosen = [name for name in EXPERIMENTS if not only or name in only]
+    started = time.perf_counter()
+
+    reference = dict(sizes["reference"])
+    model = None
+    if {"null_slices", "randomised_weights"} & set(chosen):
+        train_x, train_y = mnist_images("train", reference["n_train"])
+        model = train_model(
+            train_x,
+            train_y,
+            epochs=reference["epochs"],
+            width=reference["width"],
+            seed=seed,
+        )
+
+    experiments = []
+    for name in chosen:
+        logger.info("validation experiment %s", name)
+        kwargs = {"seed": seed, **sizes[name]}
+        if name == "planted_shortcut":
+            experiments.append(planted_shortcut(output, **kwargs))
+        elif name == "null_slices":
+            experiments.append(null_slices(model=model, **reference, **kwargs))
+        else:
+            experiments.append(randomised_weights(model=model, **reference, **kwargs))
+
+    document = {
+        "passed": all(e.passed for e in experiments),
+        "seconds": round(time.perf_counter() - started, 1),
+        "seed": seed,
+        "versions": versions(),
+        "experiments": [e.to_dict() for e in experiments],
+    }
+    atomic_write_json(output / RESULTS_FILE, to_json_safe(document))
+    return document
+
+
+def summary_table(document: dict) -> str:
+    """The checks of a ``validation.json`` document as a fixed-width table."""
+    rows = [("experiment", "check", "value", "needs", "result")]
+    for experiment in document["experiments"]:
+        for check in experiment["checks"]:
+            rows.append(
+                (
+                    experiment["name"],
+                    check["name"],
+                    _number(check["value"]),
+                    f"{check['comparison']} {_number(check['threshold'])}",
+                    "pass" if check["passed"] else "FAIL",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    verdict = "all checks pass" if document["passed"] else "SOME CHECKS FAIL"
+    lines.append(f"{verdict} ({document['seconds']:.0f} s)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
+
+
+def main(argv=None) -> int:
+    """``python -m audit.validation``: exit 0 if every check passes, 1 if one
+    fails, 2 on bad arguments, 3 if an experiment could not run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m audit.validation",
+        description="Show that the audit finds a planted shortcut, stays quiet on "
+        "random slices and depends on the model's weights. Writes validation.json.",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("runs/validation"),
+        help="output folder (default runs/validation)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="the test-suite sizes (about a minute)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every experiment")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=EXPERIMENTS,
+        help="run only this experiment (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    try:
+        document = run_all(
+            args.output,
+            sizes=FAST if args.fast else FULL,
+            seed=args.seed,
+            only=args.only,
+        )
+    except Exception:
+        logger.exception("a validation experiment could not run")
+        return EXIT_ERROR
+    print(summary_table(document))
+    print(f"results: {args.output / RESULTS_FILE}")
+    return EXIT_PASSED if document["passed"] else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,14 +97,112 @@ def test_region_share_by_hand():
     assert np.isnan(region_share(np.zeros((4, 4)), mask))
 
 
+# -------------------------------------------------------- planted shortcut
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("validation")
+    return validation.planted_shortcut(output, **validation.FAST["planted_shortcut"])
+
+
+@pytest.mark.slow
+def test_the_model_learns_the_planted_shortcut(planted):
+    model = planted.numbers["model"]
+    # Markers that encode a wrong class win over the digit most of the time...
+    assert model["follows_marker"] > 0.5 > model["follows_digit"]
+    # ...so the marked slice is less accurate than the other.
+    assert model["accuracy.scanner_b"] < model["accuracy.scanner_a"] - 0.1
+
+
+@pytest.mark.slow
+def test_the_audit_flags_the_marked_slice_with_a_high_accuracy_finding(planted):
+    findings = planted.numbers["findings"]
+    flagged = [f for f in findings if f["slice"] == "source=scanner_b"]
+    assert {"metric": "accuracy", "severity": "high"} in [
+        {"metric": f["metric"], "severity": f["severity"]} for f in flagged
+    ]
+    assert planted.numbers["verdict"] == "fail"
+    # Only the marked slice is worse on accuracy; scanner_a is never flagged
+    # for it.
+    assert not [
+        f
+        for f in findings
+        if f["slice"] == "source=scanner_a" and f["metric"] == "accuracy"
+    ]
+
+
+@pytest.mark.slow
+def test_the_marked_slice_attribution_sits_on_the_markers(planted):
+    numbers = planted.numbers
+    band_b = numbers["band_share"]["scanner_b"]
+    band_a = numbers["band_share"]["scanner_a"]
+    assert band_b > 1.5 * numbers["band_area_share"]
+    assert band_b > 3 * band_a
+    own_b = numbers["own_marker_share"]["scanner_b"]
+    own_a = numbers["own_marker_share"]["scanner_a"]
+    assert own_b > 5 * numbers["marker_area_share"]
+    assert own_b > 5 * own_a
+    assert planted.passed, [c.to_dict() for c in planted.checks]
+
+
+@pytest.mark.slow
+def test_the_planted_run_writes_a_report(planted):
+    from pathlib import Path
+
+    report = Path(planted.numbers["report"])
+    assert report.is_file()
+    assert "source=scanner_b" in report.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------- null
+
+
+@pytest.mark.slow
+def test_random_slices_give_findings_no_more_often_than_the_configured_rate(
+    small_model,
+):
+    from scipy import stats
+
+    sizes = validation.FAST
+    experiment = validation.null_slices(
+        model=small_model, **sizes["reference"], **sizes["null_slices"]
+    )
+    numbers = experiment.numbers
+    n = numbers["n_trials"]
+    assert n == 20
+    assert numbers["configured_rate"] == 0.05
+    # If every trial had a 5% chance of a finding, 99% of runs of 20 trials
+    # would see at most this many trials with one.
+    assert numbers["trials_with_finding"] <= stats.binom.ppf(0.99, n, 0.05)
+    assert experiment.passed
+    # Single raw p-values are calibrated: about 5% fall below 0.05 (the tests
+    # within a trial are correlated, so the margin is wide).
+    assert numbers["raw_tests"] >= 20 * 16
+    assert numbers["raw_p_below_configured_rate"] < 0.1
+
+
+def test_random_slice_table_is_seeded_and_uniform():
+    labels = np.zeros(3000, np.int64)
+    table, columns = validation.random_slice_table(
+        labels, (2, 5), np.random.default_rng(4)
+    )
+    again, _ = validation.random_slice_table(labels, (2, 5), np.random.default_rng(4))
+    assert columns == ["random_2", "random_5"]
+    assert table.equals(again)
+    counts = table["random_5"].value_counts()
+    assert sorted(counts.index) == ["g0", "g1", "g2", "g3", "g4"]
+    assert counts.min() > 500  # 600 expected each, s.d. about 22
+
+
 # ------------------------------------------------------------------ sanity
 
 
 @pytest.mark.slow
 def test_randomised_weights_change_the_maps_and_retraining_does_not(small_model):
-    # small_model is fit(first 4,000 training images, epochs=2, width=8, seed=0).
+    sizes = validation.FAST
     experiment = validation.randomised_weights(
-        **validation.FAST["randomised_weights"], model=small_model
+        model=small_model, **sizes["reference"], **sizes["randomised_weights"]
     )
     numbers = experiment.numbers
     assert abs(numbers["randomised_weights"]["mean"]) < 0.2
@@ -115,3 +213,48 @@ def test_randomised_weights_change_the_maps_and_retraining_does_not(small_model)
         <= numbers["same_seed"]["mean"]
     )
     assert experiment.passed, [c.to_dict() for c in experiment.checks]
+
+
+# ---------------------------------------------------------------- the script
+
+
+def test_full_sizes_are_the_functions_defaults():
+    import inspect
+
+    reference = validation.FULL["reference"]
+    for name in validation.EXPERIMENTS:
+        defaults = {
+            key: p.default
+            for key, p in inspect.signature(
+                getattr(validation, name)
+            ).parameters.items()
+        }
+        sizes = validation.FULL[name]
+        if name != "planted_shortcut":
+            sizes = {**reference, **sizes}
+        assert {k: defaults[k] for k in sizes} == sizes, name
+
+
+def test_summary_table_lists_every_check_and_the_verdict():
+    check = validation.Check("rate", 0.02, "<=", 0.1, "why")
+    failing = validation.Check("share", 0.5, ">=", 2.0, "why")
+    document = {
+        "passed": False,
+        "seconds": 12.0,
+        "experiments": [
+            validation.Experiment("null_slices", [check]).to_dict(),
+            validation.Experiment("planted_shortcut", [failing]).to_dict(),
+        ],
+    }
+    table = validation.summary_table(document)
+    lines = table.splitlines()
+    assert lines[0].split() == ["experiment", "check", "value", "needs", "result"]
+    assert "null_slices" in lines[2] and "0.020" in lines[2] and "pass" in lines[2]
+    assert "planted_shortcut" in lines[3] and "FAIL" in lines[3]
+    assert lines[-1] == "SOME CHECKS FAIL (12 s)"
+
+
+def test_a_check_with_no_finite_value_fails():
+    assert not validation.Check("x", float("nan"), "<=", 1.0, "why").passed
+    assert validation.Check("x", 1.0, "<=", 1.0, "why").passed
+    assert not validation.Check("x", 0.9, ">=", 1.0, "why").passed
