@@ -359,9 +359,18 @@ def execute_on_dask(config, plan, todo) -> Iterator:
         started = time.perf_counter()
         client.register_plugin(AuditJob(name, worker_config, source, plan), name=name)
         stack.callback(_unregister, client, name)
-        yield from in_chunk_order(client, todo, _audit_task, name)
+        consumer_seconds = 0.0
+        for outcome in in_chunk_order(client, todo, _audit_task, name):
+            handed_back = time.perf_counter()
+            yield outcome
+            consumer_seconds += time.perf_counter() - handed_back
+        elapsed = time.perf_counter() - started
         logger.info(
-            "Dask audited %d chunks in %.1f s", len(todo), time.perf_counter() - started
+            "Dask audited %d chunks in %.1f s; merging and checkpointing %.1f s of it",
+            len(todo),
+            elapsed,
+            consumer_seconds,
+            extra={"dask_seconds": elapsed, "client_seconds": consumer_seconds},
         )
 
 
@@ -385,20 +394,26 @@ def in_chunk_order(
     results waiting for an earlier chunk never exceed ``window``, whatever
     order the chunks finish in. ``window`` defaults to two tasks per worker
     thread (at least 2) and follows the cluster as workers come and go.
+
+    When a chunk's task raises, the chunks before it are still handed back
+    (so a checkpoint keeps them), the chunks after it are cancelled, and the
+    task's exception is raised in its place.
     """
     fixed = window is not None
     window = window if fixed else _window(client)
     window_checked = time.monotonic()
     positions: dict = {}  # future key -> position in todo
     ready: dict[int, object] = {}
+    failed: dict[int, object] = {}  # position -> the future that raised
+    stop = len(todo)  # submit nothing at or after the first failed position
     queue = as_completed(loop=client.loop)
     submitted = handed_back = 0
     token = uuid.uuid4().hex[:8]
-    futures = []
+    futures: dict = {}  # position -> future not yet handed back
 
     def submit_more():
         nonlocal submitted
-        while submitted < len(todo) and submitted < handed_back + window:
+        while submitted < stop and submitted < handed_back + window:
             chunk_id, rows = todo[submitted]
             future = client.submit(
                 task,
@@ -410,7 +425,7 @@ def in_chunk_order(
                 pure=False,
             )
             positions[future.key] = submitted
-            futures.append(future)
+            futures[submitted] = future
             queue.add(future)
             submitted += 1
 
@@ -418,21 +433,30 @@ def in_chunk_order(
         submit_more()
         for future in queue:
             position = positions.pop(future.key)
-            outcome = future.result()
-            expected = todo[position][0]
-            if outcome.chunk_id != expected:
-                raise RuntimeError(
-                    WRONG_CHUNK.format(found=outcome.chunk_id, expected=expected)
-                )
-            ready[position] = outcome
-            futures.remove(future)
-            future.release()
+            if future.status == "error":
+                failed[position] = future
+                if position < stop:
+                    stop = position
+                    later = [f for p, f in futures.items() if p > position]
+                    client.cancel(later)
+            elif position < stop:
+                outcome = future.result()
+                expected = todo[position][0]
+                if outcome.chunk_id != expected:
+                    raise RuntimeError(
+                        WRONG_CHUNK.format(found=outcome.chunk_id, expected=expected)
+                    )
+                ready[position] = outcome
+                del futures[position]
+                future.release()
             while handed_back in ready:
                 yield ready.pop(handed_back)
                 handed_back += 1
+            if handed_back == stop < len(todo):
+                failed[stop].result()
             if not fixed and time.monotonic() - window_checked > WINDOW_REFRESH_SECONDS:
                 window, window_checked = _window(client), time.monotonic()
             submit_more()
     finally:
         if futures and client.status == "running":
-            client.cancel(futures)
+            client.cancel(list(futures.values()))
