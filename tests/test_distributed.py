@@ -148,6 +148,41 @@ def test_results_come_back_in_chunk_order_within_the_window():
         assert chunk_id < handed_back + window, (chunk_id, handed_back)
 
 
+def _fails_at_chunk_3(chunk_id, rows):
+    """Stand-in task: chunk 3 fails at once, while the chunks before it still run."""
+    if chunk_id == 3:
+        raise ValueError("model output has NaN in chunk 3")
+    time.sleep(0.2)
+    return SimpleNamespace(chunk_id=chunk_id)
+
+
+@pytest.mark.dask
+def test_a_failing_chunk_stops_the_run_after_the_chunks_before_it():
+    from distributed import Client, LocalCluster
+
+    todo = [(chunk_id, np.arange(1)) for chunk_id in range(8)]
+    handed_back = []
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=4,
+            processes=False,
+            dashboard_address=None,
+            scheduler_kwargs=QUIET_SCHEDULER,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        with pytest.raises(ValueError, match="NaN in chunk 3"):
+            for outcome in in_chunk_order(client, todo, _fails_at_chunk_3, window=4):
+                handed_back.append(outcome.chunk_id)
+        deadline = time.monotonic() + 5
+        while client.futures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not client.futures
+
+    assert handed_back == [0, 1, 2]
+
+
 # ----------------------------------------------------- model on the workers
 
 
