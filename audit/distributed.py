@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,6 +300,26 @@ def worker_environment(op_threads: int) -> dict[str, str]:
     }
 
 
+@contextmanager
+def _dask_logs_as_details():
+    """Show Dask's own INFO lines only when the audit logs at DEBUG.
+
+    Importing ``distributed`` sets its loggers to INFO, overriding what the
+    caller configured before the import; scheduler and worker start-up lines
+    are details of a run, not what a scheduled job's log should hold.
+    """
+    if logging.getLogger("audit").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    dask_logger = logging.getLogger("distributed")
+    saved = dask_logger.level
+    dask_logger.setLevel(max(saved, logging.WARNING))
+    try:
+        yield
+    finally:
+        dask_logger.setLevel(saved)
+
+
 def _connect(address: str, stack: ExitStack) -> Client:
     if address == LOCAL:
         cluster = stack.enter_context(local_cluster())
@@ -346,6 +366,7 @@ def execute_on_dask(config, plan, todo) -> Iterator:
         return
     worker_config, source = pin_model(config)
     with ExitStack() as stack:
+        stack.enter_context(_dask_logs_as_details())
         client = _connect(config.dask, stack)
         name = f"audit-job-{uuid.uuid4().hex[:12]}"
         workers = client.nthreads()
