@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -283,9 +284,59 @@ def measure_http(images, labels, inprocess_rate: float, repeats: int = 3) -> dic
 # ------------------------------------------------------------ whole audit
 
 
+class _AuditWatcher(threading.Thread):
+    """Samples a running audit's memory and notes when its log reaches each phase.
+
+    Phases, by the runner's INFO lines: start-up until ``auditing N images``,
+    the explained chunks until ``audited N of N images``, then statistics and
+    the report until the process ends.
+    """
+
+    def __init__(self, pid: int, log_path: Path, started: float):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.log_path = log_path
+        self.started = started
+        self.marks: dict[str, float] = {}
+        self.peak_during_chunks = 0
+        self.stop = threading.Event()
+
+    def _read_marks(self, text: str, now: float) -> None:
+        if "work_started" not in self.marks and "audit.runner: auditing " in text:
+            self.marks["work_started"] = now
+        for line in text.splitlines():
+            if "audited " in line and " of " in line and "images" in line:
+                done, total = (
+                    line.split("audited ", 1)[1].split(" images")[0].split(" of ")
+                )
+                if done == total and "chunks_done" not in self.marks:
+                    self.marks["chunks_done"] = now
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            now = time.perf_counter() - self.started
+            try:
+                rss = self.process.memory_info().rss
+                text = self.log_path.read_text(errors="replace")
+            except (psutil.Error, OSError):
+                return
+            self._read_marks(text, now)
+            if "chunks_done" not in self.marks:
+                self.peak_during_chunks = max(self.peak_during_chunks, rss)
+            self.stop.wait(0.2)
+
+
 def run_audit(n_copies: int, output: Path) -> dict:
-    """``python -m audit run`` over the test set ``n_copies`` times; wall time and
-    the child's peak RSS (from ``wait4``, so only that process counts)."""
+    """``python -m audit run`` over the test set ``n_copies`` times.
+
+    Reports the wall time, the child's peak RSS (from ``wait4``, so only that
+    process counts), the peak while chunks were being explained (sampled), and
+    how the time splits into start-up, chunks, and statistics plus report.
+    """
     run_id = f"bench-{n_copies}x"
     command = [
         sys.executable,
@@ -302,7 +353,6 @@ def run_audit(n_copies: int, output: Path) -> dict:
         str(WINDOW),
         "--stride",
         str(STRIDE),
-        "--quiet",
     ]
     if n_copies > 1:
         config = output / f"repeat-{n_copies}.yaml"
@@ -312,8 +362,12 @@ def run_audit(n_copies: int, output: Path) -> dict:
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
+    watcher = _AuditWatcher(process.pid, log_path, started)
+    watcher.start()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
+    watcher.stop.set()
+    watcher.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode not in (0, 1):
         tail = log_path.read_text(errors="replace")[-2000:]
@@ -324,13 +378,26 @@ def run_audit(n_copies: int, output: Path) -> dict:
     results = json.loads((output / run_id / "results.json").read_text())
     audited = results["dataset"]["n_audited"]
     logger.info("audit of %d images: %.1f s end to end", audited, seconds)
+    marks = watcher.marks
+    phases = None
+    if "work_started" in marks and "chunks_done" in marks:
+        phases = {
+            "start_up": round(marks["work_started"], 1),
+            "chunks": round(marks["chunks_done"] - marks["work_started"], 1),
+            "statistics_and_report": round(seconds - marks["chunks_done"], 1),
+        }
+    passes = results["method"]["forward_passes_total"]
     return {
         "images": audited,
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024),
-        "run_duration_seconds": results["run"]["duration_seconds"],
-        "forward_passes_total": results["method"]["forward_passes_total"],
-        "report": str(output / run_id / "report.html"),
+        "peak_rss_mb_while_explaining": round(watcher.peak_during_chunks / 2**20),
+        "phase_seconds": phases,
+        "forward_passes_total": passes,
+        "forward_passes_per_second_in_chunks": round(passes / phases["chunks"])
+        if phases
+        else None,
+        "verdict": results.get("verdict"),
     }
 
 
@@ -636,6 +703,7 @@ def main(argv=None) -> int:
             parts["audit_10k"] = run_audit(1, Path(folder))
             parts["audit_20k"] = run_audit(2, Path(folder))
     if "peers" not in skip:
+        os.environ["TQDM_DISABLE"] = "1"
         sizes = {"tf_explain": 60, "shap": 200, "lime": 200}
         parts["peers"] = measure_peers(
             backend.model, images, inprocess["engine_images_per_second"], sizes
