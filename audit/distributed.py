@@ -57,6 +57,10 @@ TASKS_PER_THREAD = 2
 # 8787; a free port chosen by the OS lets several local clusters coexist.
 QUIET_SCHEDULER = {"dashboard_address": "127.0.0.1:0"}
 
+NO_SCHEDULER = (
+    "cannot reach a Dask scheduler at {address} ({error}); start one with "
+    "`dask scheduler`, check the address and the firewall, or set dask: local"
+)
 NO_WORKERS = (
     "no Dask worker joined the scheduler at {address} within {seconds:.0f} s; "
     "start workers with `dask worker {address}` on machines that can import "
@@ -326,7 +330,10 @@ def _connect(address: str, stack: ExitStack) -> Client:
         client = stack.enter_context(Client(cluster, set_as_default=False))
         logger.info("started a local Dask cluster at %s", cluster.scheduler_address)
         return client
-    client = stack.enter_context(Client(address, set_as_default=False))
+    try:
+        client = stack.enter_context(Client(address, set_as_default=False))
+    except OSError as e:
+        raise RuntimeError(NO_SCHEDULER.format(address=address, error=e)) from e
     try:
         client.wait_for_workers(1, timeout=WORKER_WAIT_SECONDS)
     except TimeoutError as e:
