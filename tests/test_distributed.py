@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from audit.distributed import (
     AuditJob,
     ModelSource,
     SharedBackend,
+    execute_on_dask,
     in_chunk_order,
     pin_model,
     worker_environment,
@@ -213,6 +215,41 @@ def test_worker_refuses_a_model_file_that_differs_from_the_clients(
     job.setup(SimpleNamespace(address="tcp://worker:1"))
     with pytest.raises(RuntimeError, match="different model file"):
         job.backend()
+
+
+@pytest.mark.dask
+def test_an_unreachable_scheduler_is_a_clear_error(model_file, tmp_path):
+    import dask
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _config(model_file, tmp_path, "x", dask=f"tcp://127.0.0.1:{port}")
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(RuntimeError, match="cannot reach a Dask scheduler"),
+    ):
+        next(execute_on_dask(config, None, [(0, np.arange(2))]))
+
+
+@pytest.mark.dask
+def test_a_scheduler_without_workers_is_a_clear_error(
+    model_file, tmp_path, monkeypatch
+):
+    from distributed import LocalCluster
+
+    import audit.distributed
+
+    monkeypatch.setattr(audit.distributed, "WORKER_WAIT_SECONDS", 0.5)
+    with LocalCluster(
+        n_workers=0,
+        processes=False,
+        dashboard_address=None,
+        scheduler_kwargs=QUIET_SCHEDULER,
+    ) as cluster:
+        config = _config(model_file, tmp_path, "x", dask=cluster.scheduler_address)
+        with pytest.raises(RuntimeError, match="no Dask worker joined"):
+            next(execute_on_dask(config, None, [(0, np.arange(2))]))
 
 
 @pytest.mark.dask
