@@ -477,6 +477,12 @@ def planted_shortcut(
         for name in SOURCES
     }
 
+    border = {
+        name: results["slices"][names.index(f"{SOURCE_COLUMN}={name}")]["metrics"].get(
+            "region_share.border", {}
+        )
+        for name in SOURCES
+    }
     own_share = _own_marker_shares(model, test, n_explained)
     area_band = float(band.mean())
     area_marker = MARKER_SIZE**2 / band.size
@@ -489,6 +495,13 @@ def planted_shortcut(
         "band_share": {k: round(v, 4) for k, v in band_share.items()},
         "marker_area_share": round(area_marker, 4),
         "own_marker_share": {k: round(v, 4) for k, v in own_share.items()},
+        "audit_border_share": {
+            name: {
+                key: border[name].get(key)
+                for key in ("value", "reference", "p_adjusted")
+            }
+            for name in SOURCES
+        },
         "audit_seconds": round(outcome.elapsed_seconds, 2),
     }
     b, a = band_share[SHORTCUT_SOURCE], band_share[SOURCES[0]]

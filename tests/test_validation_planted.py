@@ -7,6 +7,8 @@ size (see docs/VALIDATION.md); here they run at the sizes in
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,10 @@ def test_the_marked_slice_attribution_sits_on_the_markers(planted):
     own_a = numbers["own_marker_share"]["scanner_a"]
     assert own_b > 5 * numbers["marker_area_share"]
     assert own_b > 5 * own_a
+    # The audit's own region metric shows it too: scanner_b's attribution
+    # lies in the border ring, where the markers are.
+    border = numbers["audit_border_share"]
+    assert border["scanner_b"]["value"] > 2 * border["scanner_a"]["value"]
     assert planted.passed, [c.to_dict() for c in planted.checks]
 
 
@@ -198,13 +204,25 @@ def test_random_slice_table_is_seeded_and_uniform():
 # ------------------------------------------------------------------ sanity
 
 
-@pytest.mark.slow
-def test_randomised_weights_change_the_maps_and_retraining_does_not(small_model):
-    sizes = validation.FAST
-    experiment = validation.randomised_weights(
-        model=small_model, **sizes["reference"], **sizes["randomised_weights"]
+@pytest.fixture(scope="module")
+def sanity_run(tmp_path_factory):
+    """``python -m audit.validation --fast --only randomised_weights``."""
+    output = tmp_path_factory.mktemp("sanity")
+    code = validation.main(
+        ["--fast", "--only", "randomised_weights", "--output", str(output)]
     )
-    numbers = experiment.numbers
+    document = json.loads((output / validation.RESULTS_FILE).read_text())
+    return code, document
+
+
+@pytest.mark.slow
+def test_randomised_weights_change_the_maps_and_retraining_does_not(sanity_run):
+    code, document = sanity_run
+    assert code == validation.EXIT_PASSED
+    assert document["passed"] is True
+    (experiment,) = document["experiments"]
+    assert experiment["name"] == "randomised_weights"
+    numbers = experiment["numbers"]
     assert abs(numbers["randomised_weights"]["mean"]) < 0.2
     assert numbers["same_seed"]["mean"] > 0.95
     assert (
@@ -212,7 +230,8 @@ def test_randomised_weights_change_the_maps_and_retraining_does_not(small_model)
         < numbers["other_seed"]["mean"]
         <= numbers["same_seed"]["mean"]
     )
-    assert experiment.passed, [c.to_dict() for c in experiment.checks]
+    assert experiment["parameters"]["n_train"] == 4_000
+    assert "versions" in document
 
 
 # ---------------------------------------------------------------- the script
@@ -258,3 +277,10 @@ def test_a_check_with_no_finite_value_fails():
     assert not validation.Check("x", float("nan"), "<=", 1.0, "why").passed
     assert validation.Check("x", 1.0, "<=", 1.0, "why").passed
     assert not validation.Check("x", 0.9, ">=", 1.0, "why").passed
+
+
+def test_unknown_experiment_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        validation.main(["--only", "no_such_experiment"])
+    assert exit_info.value.code == validation.EXIT_USAGE
+    assert "no_such_experiment" in capsys.readouterr().err
