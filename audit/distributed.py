@@ -31,6 +31,7 @@ worker's BentoML store. See ``docs/SCALING.md``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distributed import Client, LocalCluster, as_completed, get_worker
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -385,8 +386,9 @@ def execute_on_dask(config, plan, todo) -> Iterator:
             sum(workers.values()),
         )
         started = time.perf_counter()
-        client.register_plugin(AuditJob(name, worker_config, source, plan), name=name)
-        stack.callback(_unregister, client, name)
+        stack.enter_context(
+            installed_job(client, AuditJob(name, worker_config, source, plan))
+        )
         consumer_seconds = 0.0
         for outcome in in_chunk_order(client, todo, _audit_task, name):
             handed_back = time.perf_counter()
@@ -402,13 +404,72 @@ def execute_on_dask(config, plan, todo) -> Iterator:
         )
 
 
-def _unregister(client: Client, name: str) -> None:
-    if client.status != "running":
-        return
+_REMOVALS: set = set()
+
+
+class ForgetJobWithClient(SchedulerPlugin):
+    """On the scheduler: remove a run's job from the workers when its client leaves.
+
+    A client that ends normally removes its job itself; one that is killed
+    cannot, and without this its plan and open model would stay on every
+    worker of a long-lived cluster.
+    """
+
+    def __init__(self, client_id: str, job_name: str):
+        self.client_id = client_id
+        self.job_name = job_name
+
+    @property
+    def name(self) -> str:
+        return f"{self.job_name}-watch"
+
+    def remove_client(self, scheduler, client: str) -> None:
+        if client != self.client_id:
+            return
+        scheduler.remove_plugin(name=self.name)
+        if self.job_name in scheduler.worker_plugins:
+            logger.info("client of %s left; removing it from workers", self.job_name)
+            removal = asyncio.ensure_future(
+                scheduler.unregister_worker_plugin(comm=None, name=self.job_name)
+            )
+            _REMOVALS.add(removal)  # the event loop holds tasks weakly
+            removal.add_done_callback(_REMOVALS.discard)
+
+
+@contextmanager
+def installed_job(client: Client, job: AuditJob):
+    """Install ``job`` on every worker for the duration of the block.
+
+    Also asks the scheduler to remove it should this client die first. That
+    needs the scheduler to import this package; where it cannot, the run goes
+    on and a killed client's job stays on the workers until they restart.
+    """
+    client.register_plugin(job, name=job.name)
+    watch = ForgetJobWithClient(client.id, job.name)
     try:
-        client.unregister_worker_plugin(name)
+        client.register_plugin(watch, name=watch.name)
+    except Exception as e:  # the scheduler's own environment decides
+        logger.warning(
+            "the Dask scheduler cannot hold the clean-up for %s (%s); install "
+            "this project where the scheduler runs",
+            job.name,
+            e,
+        )
+        watch = None
+    try:
+        yield job
+    finally:
+        if client.status == "running":
+            _remove(client.unregister_worker_plugin, job.name)
+            if watch is not None:
+                _remove(client.unregister_scheduler_plugin, watch.name)
+
+
+def _remove(unregister, name: str) -> None:
+    try:
+        unregister(name)
     except (OSError, RuntimeError, ValueError) as e:
-        logger.warning("could not remove audit job %s from the workers: %s", name, e)
+        logger.warning("could not remove %s from the Dask cluster: %s", name, e)
 
 
 def in_chunk_order(
