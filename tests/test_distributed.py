@@ -22,6 +22,7 @@ from audit.distributed import (
     SharedBackend,
     execute_on_dask,
     in_chunk_order,
+    installed_job,
     pin_model,
     worker_environment,
 )
@@ -183,6 +184,50 @@ def test_a_failing_chunk_stops_the_run_after_the_chunks_before_it():
         assert not client.futures
 
     assert handed_back == [0, 1, 2]
+
+
+def _eventually(condition, seconds=10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.dask
+def test_a_runs_job_leaves_the_workers_whether_its_client_ends_or_dies():
+    from distributed import Client, LocalCluster
+
+    source = ModelSource("unused")
+    with LocalCluster(
+        n_workers=2,
+        processes=False,
+        dashboard_address=None,
+        scheduler_kwargs=QUIET_SCHEDULER,
+    ) as cluster:
+        scheduler, workers = cluster.scheduler, list(cluster.workers.values())
+
+        def everywhere(name):
+            return name in scheduler.worker_plugins or any(
+                name in w.plugins for w in workers
+            )
+
+        with Client(cluster, set_as_default=False) as client:
+            job = AuditJob("audit-job-ends", None, source, plan=None)
+            with installed_job(client, job):
+                assert all(job.name in w.plugins for w in workers)
+                assert f"{job.name}-watch" in scheduler.plugins
+            assert not everywhere(job.name)
+            assert f"{job.name}-watch" not in scheduler.plugins
+
+        dying = Client(cluster, set_as_default=False)
+        job = AuditJob("audit-job-dies", None, source, plan=None)
+        never_left = installed_job(dying, job)
+        never_left.__enter__()  # the client dies inside the block
+        assert all(job.name in w.plugins for w in workers)
+        dying.close()
+        assert _eventually(lambda: not everywhere(job.name))
+        assert f"{job.name}-watch" not in scheduler.plugins
+        del never_left
 
 
 # ----------------------------------------------------- model on the workers
