@@ -958,7 +958,7 @@ def randomised_weights(
     logger.info(
         "sanity: rank correlation %.3f with random weights, %.3f same seed, "
         "%.3f other seed",
-        random_mean,
+        numbers["randomised_weights"]["mean"],
         retrained_mean,
         numbers["other_seed"]["mean"],
     )
