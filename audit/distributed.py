@@ -21,12 +21,13 @@ How the work reaches the workers:
 
 A worker lost mid-run is handled by Dask: the scheduler recomputes the chunks
 it held. Each chunk's outcome is handed back exactly once, keyed by its chunk
-id, so no image is counted twice.
+id, so no image is counted twice. A client that dies leaves no job behind:
+the scheduler removes it from the workers.
 
-Known limits: the workers must see the images where the client sees them (a
-manifest's image root on shared storage, or the built-in MNIST files in every
-worker's environment), and a store tag must name a model present in every
-worker's BentoML store. See ``docs/SCALING.md``.
+Known limits: every machine needs this project installed; the workers must
+see a manifest's images at the paths the client sees (shared storage; the
+built-in MNIST pixels travel inside the plan); a store tag must name a model
+in every worker's BentoML store. See ``docs/SCALING.md``.
 """
 
 from __future__ import annotations
@@ -193,10 +194,6 @@ class _BackendCache:
                 entry[0].close()
                 logger.info("closed model %s", source.key)
 
-    def keys(self) -> list[str]:
-        with self._lock:
-            return sorted(self._entries)
-
 
 _BACKENDS = _BackendCache()
 
@@ -218,6 +215,7 @@ class AuditJob(WorkerPlugin):
         self.plan = plan
         self._backend = None
         self._lock = None
+        self._worker = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -369,6 +367,15 @@ def execute_on_dask(config, plan, todo) -> Iterator:
     ChunkOutcome
         One per entry of ``todo``, in the same order, each exactly once, even
         when a worker is lost and its chunks are recomputed.
+
+    Raises
+    ------
+    Exception
+        A chunk's own error (a bad model output, an unreadable model file),
+        after the outcomes of every chunk before it have been yielded.
+    RuntimeError
+        The scheduler cannot be reached, or no worker joins it within
+        ``WORKER_WAIT_SECONDS``.
     """
     if not todo:
         return
