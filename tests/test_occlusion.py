@@ -610,13 +610,15 @@ ALL_OUTPUTS = ("probability", "log_probability", "logit")
 
 
 @st.composite
-def occlusion_cases(draw, shape=None, outputs=ALL_OUTPUTS, min_window=1, max_n=3):
+def occlusion_cases(
+    draw, shape=None, outputs=ALL_OUTPUTS, min_window=1, max_n=3, max_side=9
+):
     """A random small occlusion problem: image shape, count, classes, seed and
     settings; ``shape`` fixes the image shape, ``outputs`` the output spaces."""
     if shape is None:
         shape = (
-            draw(st.integers(2, 9)),
-            draw(st.integers(2, 9)),
+            draw(st.integers(2, max_side)),
+            draw(st.integers(2, max_side)),
             draw(st.sampled_from([1, 3])),
         )
     height, width, _ = shape
