@@ -350,7 +350,12 @@ def manifest_dataset(
     table["label"] = _label_indices(table["label"], class_names, manifest)
 
     resolved = []
-    for i, relative in enumerate(table["path"].astype(str)):
+    for i, relative in enumerate(table["path"]):
+        if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
+            raise DatasetError(
+                f"{manifest}: row {i} has path {relative!r}; every row needs the "
+                "relative path of an image file"
+            )
         inside = _inside_root(root, relative)
         if inside is None:
             raise DatasetError(

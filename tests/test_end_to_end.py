@@ -135,3 +135,85 @@ def test_killed_run_resumes_to_the_same_results(model_file, finished_run, tmp_pa
     assert resumed["run"]["resumed"] is True
     reference = json.loads((reference_dir / "results.json").read_text())
     assert _strip_timing(resumed) == _strip_timing(reference)
+
+
+def test_compare_two_runs_in_the_terminal_and_as_html(finished_run, capsys, tmp_path):
+    _, run_dir = finished_run
+    html = tmp_path / "compare.html"
+    assert main(["compare", str(run_dir), str(run_dir), "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert run_dir.name in out
+    assert html.read_text().startswith("<!DOCTYPE html>")
+
+    assert main(["compare", str(run_dir), str(tmp_path)]) == EXIT_USAGE
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_second_job_on_the_same_run_folder_is_refused(model_file, tmp_path, capsys):
+    from audit.checkpoint import run_lock
+
+    with run_lock(tmp_path / "busy"):
+        code = main(_run_args(model_file, tmp_path, "busy"))
+    assert code == EXIT_USAGE
+    assert "being written by another audit job" in capsys.readouterr().err
+
+
+def test_manifest_run_counts_skipped_images(model_file, mnist_test_dataset, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    loaded = mnist_test_dataset.load(np.arange(60))
+    rows = []
+    for i, image in zip(loaded.rows, loaded.images, strict=True):
+        name = f"{i}.png"
+        Image.fromarray((image[..., 0] * 255).round().astype("uint8")).save(root / name)
+        site = "north" if i % 2 else "south"
+        rows.append(
+            {"path": name, "label": int(mnist_test_dataset.labels[i]), "site": site}
+        )
+    rows.append({"path": "gone.png", "label": 3, "site": "north"})
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    rows.append({"path": "broken.png", "label": 4, "site": "south"})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+
+    code = main(
+        [
+            "run",
+            "--model",
+            str(model_file),
+            "--manifest",
+            str(manifest),
+            "--image-root",
+            str(root),
+            "--slices",
+            "site",
+            "--output",
+            str(tmp_path / "runs"),
+            "--run-id",
+            "manifest",
+            "--fail-on",
+            "never",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    run_dir = tmp_path / "runs" / "manifest"
+    results = json.loads((run_dir / "results.json").read_text())
+    dataset = results["dataset"]
+    assert (dataset["n_images"], dataset["n_audited"], dataset["n_skipped"]) == (
+        62,
+        60,
+        2,
+    )
+    reasons = {s["id"]: s["reason"] for s in dataset["skips"]}
+    assert "missing" in reasons["gone.png"] and "unreadable" in reasons["broken.png"]
+    assert {s["name"]: s["n"] for s in results["slices"]} == {
+        "site=north": 30,
+        "site=south": 30,
+    }
+    html = (run_dir / "report.html").read_text()
+    assert "gone.png" in html
