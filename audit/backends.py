@@ -421,6 +421,9 @@ class CallableBackend:
 # -------------------------------------------------------------------- HTTP
 
 
+NPY_REQUEST_OVERHEAD = 4096
+
+
 class HttpBackend:
     """A running Bento reached over HTTP, with binary ``.npy`` payloads.
 
@@ -526,6 +529,19 @@ class HttpBackend:
         )
         limits = card.get("limits", {}) if isinstance(card, dict) else {}
         self.request_batch = int(request_batch or limits.get("max_batch", 1024))
+        max_bytes = limits.get("max_request_bytes")
+        if max_bytes:
+            # float32 pixels plus room for the .npy header and multipart framing.
+            image_bytes = 4 * int(np.prod(self.input_shape))
+            fits = (int(max_bytes) - NPY_REQUEST_OVERHEAD) // image_bytes
+            if fits < 1:
+                self.close()
+                raise BackendError(
+                    f"{self.url} accepts at most {max_bytes} bytes a request, less "
+                    f"than one {self.input_shape} float32 image; raise the server's "
+                    "AUDIT_MAX_REQUEST_BYTES"
+                )
+            self.request_batch = min(self.request_batch, fits)
         self.description = {
             "source": self.url,
             "url": self.url,

@@ -298,3 +298,36 @@ def test_requests_over_the_concurrency_limit_get_429(stored_model, bentoml_home)
         )
     codes = sorted(r.status_code for r in responses)
     assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+
+
+def test_cli_audit_of_the_live_endpoint_matches_in_process(
+    server, stored_model, tmp_path, monkeypatch
+):
+    """``python -m audit run --endpoint URL`` audits the served model and gets
+    the numbers of the same audit run in process on the stored model."""
+    import json
+
+    from audit.cli import main
+
+    monkeypatch.setenv("AUDIT_TEST_TOKEN", "secret-token")
+    common = ["--every", "100", "--output", str(tmp_path), "--fail-on", "never", "-q"]
+    remote = ["--endpoint", server, "--auth-env", "AUDIT_TEST_TOKEN"]
+    assert main(["run", *remote, "--run-id", "remote", *common]) == 0
+    assert main(["run", "--model", stored_model, "--run-id", "local", *common]) == 0
+
+    remote_results = json.loads((tmp_path / "remote" / "results.json").read_text())
+    local_results = json.loads((tmp_path / "local" / "results.json").read_text())
+    assert remote_results["dataset"]["n_audited"] == 100
+    assert "secret-token" not in (tmp_path / "remote" / "results.json").read_text()
+    assert "secret-token" not in (tmp_path / "remote" / "report.html").read_text()
+    for mine, theirs in zip(
+        remote_results["slices"], local_results["slices"], strict=True
+    ):
+        assert mine["name"] == theirs["name"] and mine["n"] == theirs["n"]
+        for metric in ("accuracy", "flip_rate"):
+            assert (
+                mine["metrics"][metric]["value"] == theirs["metrics"][metric]["value"]
+            )
+        assert mine["metrics"]["max_drop"]["value"] == pytest.approx(
+            theirs["metrics"]["max_drop"]["value"], abs=1e-4
+        )
