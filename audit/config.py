@@ -103,7 +103,10 @@ class AuditConfig(_Strict):
     derived image attributes (brightness, contrast, ink area, and for
     single-channel images stroke thickness and slant) in quartiles, plus
     each attribute column crossed with stroke thickness. ``statistics.seed``
-    seeds every resampling test.
+    seeds every resampling test. ``regions`` names extra mask files (``.npy``
+    or an image, nonzero inside, image-sized) whose share of attribution is
+    reported per slice as ``region_share.<name>`` beside the built-in border,
+    centre and quadrants; rules may judge them.
     """
 
     model: str = "mnist_cnn:latest"
@@ -114,6 +117,7 @@ class AuditConfig(_Strict):
     slices: SliceSettings | None = None
     statistics: StatisticsSettings = StatisticsSettings()
     rules: list[FindingRule] = Field(default_factory=default_rules)
+    regions: dict[str, Path] = Field(default_factory=dict)
     output: Path = Path("runs")
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"

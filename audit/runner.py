@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
-from .accumulate import AuditAccumulator
+from .accumulate import AuditAccumulator, load_region_mask
 from .analysis import analyze
 from .backends import load_backend
 from .checkpoint import Checkpoint, remove_stale_temp_files, run_lock
@@ -300,7 +300,12 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
     derived = measure_dataset(dataset, slicing.derived) if slicing.derived else None
     slice_set = SliceSet.build(dataset.table, slicing, derived)
     grid = WindowGrid(dataset.image_shape[:2], settings.window, settings.stride)
+    regions = {
+        name: load_region_mask(path, dataset.image_shape)
+        for name, path in config.regions.items()
+    }
     spec = {
+        "regions": regions,
         "n_slices": len(slice_set),
         "n_classes": len(backend.class_names),
         "image_hw": tuple(dataset.image_shape[:2]),

@@ -217,3 +217,23 @@ def test_manifest_run_counts_skipped_images(model_file, mnist_test_dataset, tmp_
     }
     html = (run_dir / "report.html").read_text()
     assert "gone.png" in html
+
+
+def test_named_region_masks_from_the_config(model_file, tmp_path):
+    import numpy as np
+
+    mask = np.zeros((28, 28), bool)
+    mask[:14, :14] = True
+    np.save(tmp_path / "upper_left.npy", mask)
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        f"regions:\n  upper_left: {tmp_path / 'upper_left.npy'}\n"
+        "rules:\n  - {name: tl, metric: region_share.upper_left, min_gap: 0.5}\n"
+    )
+    args = _run_args(model_file, tmp_path, "regions", "--config", str(config))
+    assert main([*args, "--limit", "4"]) == 0
+    results = json.loads((tmp_path / "regions" / "results.json").read_text())
+    share = results["overall"]["metrics"]["region_share.upper_left"]["value"]
+    quadrant = results["overall"]["metrics"]["region_share.top_left"]
+    assert 0.0 <= share <= 1.0
+    assert share == pytest.approx(quadrant["value"], abs=1e-9)
