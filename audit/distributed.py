@@ -15,7 +15,8 @@ How the work reaches the workers:
   joins or is restarted mid-run, receives it before it is given a task.
 * Each worker process opens the model once, on its first chunk, and shares it
   between the runs that use the same source (store tag, ``.keras`` file or
-  endpoint URL). A Keras model object never goes through the scheduler.
+  endpoint URL); the last model used stays open for the next run. A Keras
+  model object never goes through the scheduler.
 * At most ``window`` chunks are in flight or waiting to be handed back, so the
   client's memory stays bounded whatever the number of chunks.
 
@@ -39,6 +40,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -87,7 +89,8 @@ class ModelSource:
     """The model a run's workers open, pinned on the client.
 
     ``key`` names the model for the per-worker cache: the resolved store tag,
-    the absolute path of a ``.keras`` file, or the endpoint URL with its
+    the absolute path of a ``.keras`` file with its content hash (a file
+    replaced between runs is a new model), or the endpoint URL with its
     limits. ``sha256`` is the content hash of a ``.keras`` file, checked by
     every worker so that all of them explain with the same weights.
     """
@@ -119,7 +122,8 @@ def pin_model(config):
     if config.model.endswith(KERAS_SUFFIX):
         path = Path(config.model).expanduser().resolve()
         pinned = config.model_copy(update={"model": str(path)})
-        return pinned, ModelSource(str(path), _file_sha256(path))
+        sha256 = _file_sha256(path)
+        return pinned, ModelSource(f"{path} sha256:{sha256[:16]}", sha256)
 
     import bentoml
 
@@ -156,15 +160,19 @@ class SharedBackend:
 
 
 class _BackendCache:
-    """Model backends of one worker process, shared by the runs that use them.
+    """Model backends of one worker process, keyed by model source.
 
-    A backend is opened by the first chunk that needs it and closed when the
-    last run holding it ends.
+    A backend is opened by the first chunk that needs it and shared by every
+    run using the same source. When no run holds it any more it stays open
+    for the next run, up to ``keep_idle`` idle models; the least recently
+    used beyond that are closed.
     """
 
-    def __init__(self):
+    def __init__(self, keep_idle: int = 1):
+        self.keep_idle = keep_idle
         self._lock = threading.Lock()
-        self._entries: dict[str, list] = {}  # key -> [backend, holders]
+        self._entries: OrderedDict[str, list] = OrderedDict()  # [backend, holders]
+        self._opened: dict[str, int] = {}
 
     def acquire(self, source: ModelSource, config):
         with self._lock:
@@ -175,12 +183,14 @@ class _BackendCache:
                 started = time.perf_counter()
                 entry = [SharedBackend(open_backend(config)), 0]
                 self._entries[source.key] = entry
+                self._opened[source.key] = self._opened.get(source.key, 0) + 1
                 logger.info(
                     "opened model %s in %.1f s",
                     source.key,
                     time.perf_counter() - started,
                 )
             entry[1] += 1
+            self._entries.move_to_end(source.key)
             return entry[0]
 
     def release(self, source: ModelSource) -> None:
@@ -189,13 +199,35 @@ class _BackendCache:
             if entry is None:
                 return
             entry[1] -= 1
-            if entry[1] <= 0:
-                del self._entries[source.key]
-                entry[0].close()
-                logger.info("closed model %s", source.key)
+            self._entries.move_to_end(source.key)
+            idle = [key for key, (_, holders) in self._entries.items() if holders <= 0]
+            for key in idle[: max(0, len(idle) - self.keep_idle)]:
+                backend, _ = self._entries.pop(key)
+                backend.close()
+                logger.info("closed model %s", key)
+
+    def report(self) -> dict[str, dict]:
+        """Per model source: ``open`` now, ``runs`` holding it, times ``opened``."""
+        with self._lock:
+            return {
+                key: {
+                    "open": key in self._entries,
+                    "runs": self._entries[key][1] if key in self._entries else 0,
+                    "opened": opened,
+                }
+                for key, opened in self._opened.items()
+            }
 
 
 _BACKENDS = _BackendCache()
+
+
+def worker_models() -> dict[str, dict]:
+    """The models of this worker process (run it with ``client.run``).
+
+    ``{model source: {"open": bool, "runs": holding it now, "opened": times}}``
+    """
+    return _BACKENDS.report()
 
 
 # ------------------------------------------------------------ worker side
