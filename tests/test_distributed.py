@@ -25,6 +25,7 @@ from audit.distributed import (
     installed_job,
     pin_model,
     worker_environment,
+    worker_models,
 )
 from audit.runner import run_audit
 
@@ -298,6 +299,49 @@ def test_a_scheduler_without_workers_is_a_clear_error(
 
 
 @pytest.mark.dask
+def test_a_worker_opens_each_model_once_and_keeps_the_last_one(monkeypatch):
+    import audit.runner
+    from audit.distributed import _BackendCache
+
+    opened, closed = [], []
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    def open_backend(config):
+        opened.append(config.model)
+        return Model(config.model)
+
+    monkeypatch.setattr(audit.runner, "open_backend", open_backend)
+    cache = _BackendCache(keep_idle=1)
+    first, second = ModelSource("first"), ModelSource("second")
+    config_of = {
+        source: SimpleNamespace(model=source.key) for source in (first, second)
+    }
+
+    a = cache.acquire(first, config_of[first])
+    b = cache.acquire(first, config_of[first])  # a second run, same model
+    assert a is b and opened == ["first"]
+    cache.release(first)
+    cache.release(first)
+    assert closed == []  # idle, kept for the next run
+
+    cache.acquire(second, config_of[second])
+    cache.release(second)
+    assert closed == ["first"]  # only the most recently used idle model stays
+    cache.acquire(second, config_of[second])
+    assert opened == ["first", "second"]
+    assert cache.report() == {
+        "first": {"open": False, "runs": 0, "opened": 1},
+        "second": {"open": True, "runs": 1, "opened": 1},
+    }
+
+
+@pytest.mark.dask
 def test_shared_backend_keeps_to_the_backends_own_limit():
     calls = {"now": 0, "most": 0}
     lock = threading.Lock()
@@ -385,9 +429,14 @@ def test_lost_worker_is_recomputed_and_no_image_counted_twice(
             killer.join()
         client.wait_for_workers(2, timeout=60)
         pids_after = set(client.run(os.getpid).values())
+        models = client.run(worker_models)
 
     assert killed, "the run finished before a worker could be killed"
     assert 1 <= killed["chunks_done"] < N_CHUNKS
     assert killed["pid"] not in pids_after
+    assert any(models.values())
+    for per_worker in models.values():  # the restarted worker may have had none
+        for model in per_worker.values():
+            assert model == {"open": True, "runs": 0, "opened": 1}
     _assert_every_image_counted_once(outcome.results)
     _assert_same(_comparable(outcome.results), _comparable(local_results))
