@@ -417,6 +417,20 @@ def test_http_backend_accepts_a_flat_card(server):
         assert backend.input_shape == (2, 2, 1)
 
 
+def test_requests_fit_the_servers_byte_limit(server):
+    # 2x2x1 float32 images are 16 bytes; 4096 bytes go to headers and framing.
+    server.serve(mean_model, (2, 2, 1), ["a", "b"])
+    server.card["limits"]["max_request_bytes"] = 4096 + 16 * 5
+    with load_backend(server.url) as backend:
+        assert backend.request_batch == 5
+        backend.predict(np.zeros((12, 2, 2, 1), np.float32))
+    assert sorted(server.sizes) == [2, 5, 5]
+
+    server.card["limits"]["max_request_bytes"] = 4000
+    with pytest.raises(BackendError, match="raise the server's AUDIT_MAX_REQUEST"):
+        load_backend(server.url)
+
+
 def test_http_card_without_input_shape_is_refused(server):
     server.serve(mean_model, (2, 2, 1), ["a", "b"])
     server.card = {"tag": "x"}
