@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest finding severity that makes the exit code 1 (default high)",
     )
     run.add_argument("--seed", type=int, help="seed for resampling tests")
-    run.add_argument("--chunk-size", type=int, help="images per checkpointed chunk")
+    run.add_argument("--chunk-size", type=int, help="images per chunk")
+    run.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        help="least time between checkpoints (default 30; 0 after every chunk)",
+    )
     run.add_argument("--dask", help="Dask scheduler address, or 'local'")
     _add_verbosity(run)
 
@@ -145,6 +150,7 @@ def _overrides(args) -> dict:
     put("statistics.seed", args.seed)
     put("dask", args.dask)
     put("chunk_size", args.chunk_size)
+    put("checkpoint_seconds", args.checkpoint_seconds)
     return out
 
 

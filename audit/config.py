@@ -106,7 +106,10 @@ class AuditConfig(_Strict):
     seeds every resampling test. ``regions`` names extra mask files (``.npy``
     or an image, nonzero inside, image-sized) whose share of attribution is
     reported per slice as ``region_share.<name>`` beside the built-in border,
-    centre and quadrants; rules may judge them.
+    centre and quadrants; rules may judge them. The merged statistics are
+    checkpointed at most every ``checkpoint_seconds`` (0: after every chunk)
+    and when a run fails; a checkpoint rewrites every image's scalars, so on
+    millions of images it should not be written after every chunk.
     """
 
     model: str = "mnist_cnn:latest"
@@ -124,6 +127,7 @@ class AuditConfig(_Strict):
     )
     fail_on: Literal["low", "medium", "high", "never"] = "high"
     chunk_size: Annotated[int, Field(gt=0, le=1_000_000)] = 2048
+    checkpoint_seconds: float = Field(default=30.0, ge=0)
     dask: str | None = None
 
 

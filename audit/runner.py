@@ -332,21 +332,30 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
     chunks = chunk_rows(len(dataset), config.chunk_size)
     todo = [(i, rows) for i, rows in enumerate(chunks) if i not in done]
     progress = _Progress(len(dataset), sum(len(chunks[i]) for i in done), quiet)
+
+    def save():
+        extra = {
+            "skipped": {str(k): v for k, v in skipped.items()},
+            "forward_passes": passes,
+        }
+        checkpoint.save(done, merged.state(), extra)
+
+    last_save, unsaved = time.monotonic(), False
     try:
         for outcome in _execute(config, plan, backend, todo):
             merged = merged.merge(AuditAccumulator.from_state(outcome.state))
             skipped.update(outcome.skipped)
             passes += outcome.forward_passes
             done.add(outcome.chunk_id)
-            checkpoint.save(
-                done,
-                merged.state(),
-                {
-                    "skipped": {str(k): v for k, v in skipped.items()},
-                    "forward_passes": passes,
-                },
-            )
+            unsaved = True
+            if time.monotonic() - last_save >= config.checkpoint_seconds:
+                save()
+                last_save, unsaved = time.monotonic(), False
             progress.update(len(chunks[outcome.chunk_id]))
+    except BaseException:
+        if unsaved:
+            save()
+        raise
     finally:
         progress.close()
 

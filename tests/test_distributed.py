@@ -50,6 +50,7 @@ def _config(model_file, output, run_id, dask=None):
             "model": str(model_file),
             "dataset": {"every": EVERY},
             "chunk_size": CHUNK_SIZE,
+            "checkpoint_seconds": 0,
             "output": str(output),
             "run_id": run_id,
             "fail_on": "never",

@@ -42,6 +42,8 @@ def _run_args(model_file, output, run_id, *extra):
         "never",
         "--chunk-size",
         "50",
+        "--checkpoint-seconds",
+        "0",
         "--quiet",
         *extra,
     ]
