@@ -40,6 +40,7 @@ test: setup lint
 
 bench: setup
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_dask.py
 
 validate: setup
 	$(PY) -m audit.validation
