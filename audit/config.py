@@ -67,7 +67,7 @@ class OcclusionConfig(_Strict):
     baseline: Literal["constant", "image_mean", "blur", "dataset_mean"] = "constant"
     baseline_value: float = 0.0
     target: Literal["predicted", "label"] = "predicted"
-    output: Literal["probability", "log_probability"] = "probability"
+    output: Literal["probability", "log_probability", "logit"] = "probability"
     max_batch: Annotated[int, Field(gt=0, le=65536)] = 1024
 
 

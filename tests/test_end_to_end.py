@@ -239,3 +239,15 @@ def test_named_region_masks_from_the_config(model_file, tmp_path):
     quadrant = results["overall"]["metrics"]["region_share.top_left"]
     assert 0.0 <= share <= 1.0
     assert share == pytest.approx(quadrant["value"], abs=1e-9)
+
+
+@pytest.mark.parametrize("output", ["log_probability", "logit"])
+def test_other_output_spaces_run_end_to_end(model_file, tmp_path, output):
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"occlusion:\n  output: {output}\n  baseline: blur\n")
+    args = _run_args(model_file, tmp_path, output, "--config", str(config))
+    assert main([*args, "--limit", "40"]) == 0
+    results = json.loads((tmp_path / output / "results.json").read_text())
+    assert results["method"]["output"] == output
+    assert results["method"]["baseline"] == "blur"
+    assert results["dataset"]["n_audited"] == 40
