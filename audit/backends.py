@@ -422,15 +422,23 @@ class CallableBackend:
 
 
 NPY_REQUEST_OVERHEAD = 4096
+NPY_MEDIA_TYPE = "application/octet-stream"
+BINARY_ENDPOINT = "predict_binary"
+"""Key of the binary endpoint's path in the ``endpoints`` of a server's card."""
+MULTIPART_PATH = "/predict_npy"
 
 
 class HttpBackend:
     """A running Bento reached over HTTP, with binary ``.npy`` payloads.
 
     The service must answer ``POST /metadata`` with its model card (either
-    flat or as ``{"tag", "metadata": {...}, "limits": {...}}``) and
-    ``POST /predict_npy`` with ``{"probabilities": [[...]], ...}`` for a
-    multipart file field ``images`` holding a float32 ``.npy`` array.
+    flat or as ``{"tag", "metadata": {...}, "limits": {...}}``). When the card
+    names a binary endpoint (``"endpoints": {"predict_binary": path}``), each
+    batch is posted there as the raw bytes of a float32 ``.npy`` file
+    (``application/octet-stream``) and the answer is read as a ``.npy`` array
+    of probabilities; otherwise it goes to ``POST /predict_npy`` as a
+    multipart file field ``images`` and the answer is read from JSON
+    ``{"probabilities": [[...]], ...}``. ``predict_path`` says which is used.
 
     Parameters
     ----------
@@ -542,6 +550,10 @@ class HttpBackend:
                     "AUDIT_MAX_REQUEST_BYTES"
                 )
             self.request_batch = min(self.request_batch, fits)
+        endpoints = card.get("endpoints") if isinstance(card, dict) else None
+        binary = endpoints.get(BINARY_ENDPOINT) if isinstance(endpoints, dict) else None
+        self._binary = isinstance(binary, str) and binary.startswith("/")
+        self.predict_path = binary if self._binary else MULTIPART_PATH
         self.description = {
             "source": self.url,
             "url": self.url,
@@ -594,18 +606,25 @@ class HttpBackend:
         )
 
     def _request(self, batch: np.ndarray) -> np.ndarray:
-        body, content_type = npy_upload(batch)
+        if self._binary:
+            body, content_type = npy_bytes(batch), NPY_MEDIA_TYPE
+        else:
+            body, content_type = npy_upload(batch)
         number = self._batches.next()
         response = self._post(
-            "/predict_npy", content=body, headers={"Content-Type": content_type}
+            self.predict_path, content=body, headers={"Content-Type": content_type}
         )
-        try:
-            values = response.json()["probabilities"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelOutputError(
-                f"batch {number}: {self.url}/predict_npy answered without a "
-                f"'probabilities' list: {response.text[:200]}"
-            ) from e
+        where = f"batch {number}: {self.url}{self.predict_path}"
+        if self._binary:
+            values = read_npy_answer(response, where)
+        else:
+            try:
+                values = response.json()["probabilities"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelOutputError(
+                    f"{where} answered without a 'probabilities' list: "
+                    f"{response.text[:200]}"
+                ) from e
         return check_probabilities(values, len(batch), len(self.class_names), number)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -629,6 +648,21 @@ class HttpBackend:
         self.close()
 
 
+def _npy_parts(array: np.ndarray) -> tuple[bytes, memoryview | bytes]:
+    """The ``.npy`` format 1.0 header of ``array`` and its C-ordered data."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, np.lib.format.header_data_from_array_1_0(array)
+    )
+    return header.getvalue(), memoryview(array).cast("B") if array.size else b""
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What ``numpy.save`` writes for ``array`` (format 1.0), built with one copy."""
+    return b"".join(_npy_parts(array))
+
+
 def npy_upload(array: np.ndarray, field: str = "images") -> tuple[bytes, str]:
     """A ``multipart/form-data`` body holding ``array`` as one ``.npy`` file.
 
@@ -636,11 +670,7 @@ def npy_upload(array: np.ndarray, field: str = "images") -> tuple[bytes, str]:
     the array (``numpy.save`` into a buffer and a generic multipart encoder
     cost several); the file is what ``numpy.save`` writes, format 1.0.
     """
-    array = np.ascontiguousarray(array)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, np.lib.format.header_data_from_array_1_0(array)
-    )
+    header, payload = _npy_parts(array)
     boundary = secrets.token_hex(16)
     head = (
         f"--{boundary}\r\n"
@@ -648,9 +678,43 @@ def npy_upload(array: np.ndarray, field: str = "images") -> tuple[bytes, str]:
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
-    payload = memoryview(array).cast("B") if array.size else b""
-    body = b"".join([head, header.getvalue(), payload, tail])
+    body = b"".join([head, header, payload, tail])
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def read_npy_answer(response, where: str) -> np.ndarray:
+    """The array in a ``.npy`` response body, or :class:`ModelOutputError`.
+
+    The body must be ``application/octet-stream`` holding a plain numeric
+    ``.npy`` array whose data length matches its header; it is never
+    unpickled. ``where`` names the request in the message.
+    """
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith(NPY_MEDIA_TYPE):
+        raise ModelOutputError(
+            f"{where} answered {content_type or 'no content type'}, not a "
+            f".npy array ({NPY_MEDIA_TYPE}): {response.text[:200]}"
+        )
+    data = response.content
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        if dtype.hasobject:
+            raise ValueError(f"it holds Python objects (dtype {dtype})")
+        count = int(np.prod(shape, dtype=np.int64))
+        if len(data) - stream.tell() != count * dtype.itemsize:
+            raise ValueError(
+                f"its header says {shape} of {dtype} but it holds "
+                f"{len(data) - stream.tell()} bytes of data"
+            )
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    except ValueError as e:
+        raise ModelOutputError(f"{where} answered a body that is not .npy: {e}") from e
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _retry_after_seconds(response) -> float:

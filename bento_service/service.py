@@ -4,11 +4,19 @@ The classifier and its model card are loaded from the BentoML model store once
 per worker. The APIs are thin: requests are checked by the plain functions of
 :mod:`bento_service.validation`, refusals are answered 4xx with the message
 those functions wrote, and ``explain`` runs the audit's own occlusion engine.
-Wire formats, limits and error codes are in ``docs/SERVICE.md``.
+
+``POST /predict_binary`` is a small Starlette app mounted into the service
+(``bentoml.asgi_app``): it takes the raw ``.npy`` request body and answers the
+probabilities as ``.npy``, skipping BentoML's multipart parsing, temporary
+file and JSON encoding. It runs behind the same middleware (concurrency cap,
+timeout, body-size limit, error shape) and uses the same instance, model lock
+and validation as the BentoML APIs. Wire formats, limits and error codes are
+in ``docs/SERVICE.md``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,10 +26,15 @@ from contextlib import contextmanager
 from http import HTTPStatus
 from pathlib import Path
 
+import anyio.to_thread
 import bentoml
 import numpy as np
 from _bentoml_impl import serde as bentoml_serde
 from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from audit.backends import load_backend
 from audit.occlusion import OcclusionSettings
@@ -35,9 +48,11 @@ from .validation import (
     Limits,
     RequestError,
     check_body_size,
+    check_content_length,
     check_explain_settings,
     decode_images,
     decode_npy,
+    read_body,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,6 +62,13 @@ MODEL_TAG = os.environ.get(MODEL_TAG_ENV) or f"{MODEL_NAME}:latest"
 SERVER_LIMITS = Limits.from_env()
 EXPLAIN_MAX_BATCH = 1024
 """Perturbed copies sent through the model in one call by ``explain``."""
+BINARY_PATH = "/predict_binary"
+NPY_MEDIA_TYPE = "application/octet-stream"
+BAD_MEDIA_TYPE = (
+    "{path} takes the bytes of a .npy file as the whole body with Content-Type "
+    f"{NPY_MEDIA_TYPE}; got Content-Type {{got!r}} (multipart uploads go to "
+    "/predict_npy)"
+)
 
 MODEL_MISSING = (
     "model {tag} is not in the BentoML model store at {home}; train one with "
@@ -187,6 +209,51 @@ def prediction_response(probabilities: np.ndarray, class_names) -> dict:
     }
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What ``numpy.save`` writes for ``array`` (format 1.0), built with one copy."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, np.lib.format.header_data_from_array_1_0(array)
+    )
+    return b"".join([header.getvalue(), memoryview(array).cast("B")])
+
+
+async def predict_binary(request: Request) -> Response:
+    """``POST /predict_binary``: ``.npy`` body in, ``.npy`` probabilities out.
+
+    The declared ``Content-Length`` is checked before any of the body is read,
+    and the body is read with a running cap, so an oversized upload is refused
+    413 as soon as it is known to be too large. Decoding, the model call and
+    encoding run on a worker thread, leaving the event loop free to receive
+    the next request's body meanwhile.
+    """
+    service = bentoml.get_current_service()
+    try:
+        media_type = request.headers.get("content-type", "")
+        if media_type.split(";", 1)[0].strip().lower() != NPY_MEDIA_TYPE:
+            raise RequestError(
+                BAD_MEDIA_TYPE.format(path=BINARY_PATH, got=media_type),
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            )
+        check_content_length(request.headers.get("content-length"), service.limits)
+        body = await read_body(request.stream(), service.limits)
+        answer = await anyio.to_thread.run_sync(service.predict_binary_body, body)
+    except RequestError as e:
+        logger.warning(
+            "refused %s [POST] with %d: %s", BINARY_PATH, e.status, e.message
+        )
+        return JSONResponse(
+            {"error": e.message},
+            status_code=e.status,
+            headers={"connection": "close"} if e.status == 413 else None,
+        )
+    return Response(answer, media_type=NPY_MEDIA_TYPE)
+
+
+binary_app = Starlette(routes=[Route(BINARY_PATH, predict_binary, methods=["POST"])])
+
+
 def explanation_response(result, settings: ExplainSettings, class_names) -> dict:
     """The JSON body of ``explain`` from an occlusion result of one image."""
     probabilities = result.probs[0]
@@ -210,13 +277,15 @@ def explanation_response(result, settings: ExplainSettings, class_names) -> dict
     }
 
 
+@bentoml.asgi_app(binary_app, path="/", name="predict_binary")
 @bentoml.service(
     name="mnist_classifier",
     workers=1,
     traffic={"timeout": 60, "max_concurrency": SERVER_LIMITS.max_concurrency},
 )
 class MnistClassifier:
-    """Serves the stored classifier: predict, predict_npy, explain, metadata."""
+    """Serves the stored classifier: predict, predict_npy, predict_binary (the
+    mounted app), explain, metadata."""
 
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
@@ -288,6 +357,18 @@ class MnistClassifier:
             batch = decode_npy(images.read_bytes(), self.spec, self.limits)
         return prediction_response(self._predict(batch), self.spec.class_names)
 
+    def predict_binary_body(self, body: bytes) -> bytes:
+        """The ``predict_binary`` answer to a request body: the ``.npy`` bytes
+        of the float32 ``(N, n_classes)`` probabilities.
+
+        ``body`` must be the bytes of a ``.npy`` file, checked by the same
+        :func:`decode_npy` as ``predict_npy``; refusals raise
+        :class:`RequestError`.
+        """
+        check_body_size(len(body), self.limits)
+        batch = decode_npy(body, self.spec, self.limits)
+        return npy_bytes(self._predict(batch))
+
     @bentoml.api
     def explain(
         self,
@@ -332,8 +413,14 @@ class MnistClassifier:
 
     @bentoml.api
     def metadata(self) -> dict:
-        """The model card, the store tag, and the limits this server enforces."""
-        return {"tag": self.tag, "metadata": self.card, "limits": self.limits.as_dict()}
+        """The model card, the store tag, the limits this server enforces, and
+        the paths of endpoints beyond BentoML's APIs (``predict_binary``)."""
+        return {
+            "tag": self.tag,
+            "metadata": self.card,
+            "limits": self.limits.as_dict(),
+            "endpoints": {"predict_binary": BINARY_PATH},
+        }
 
 
 MnistClassifier.add_asgi_middleware(

@@ -426,6 +426,38 @@ def check_body_size(size: int, limits: Limits) -> None:
         )
 
 
+def check_content_length(value: str | None, limits: Limits) -> None:
+    """A request's ``Content-Length`` header checked before its body is read:
+    400 when it is not a whole number, 413 when it exceeds the limit."""
+    if value is None:
+        return
+    try:
+        size = int(value)
+    except ValueError:
+        raise RequestError(
+            f"Content-Length {value!r} is not a number", BAD_REQUEST
+        ) from None
+    if size < 0:
+        raise RequestError(f"Content-Length {value!r} is negative", BAD_REQUEST)
+    check_body_size(size, limits)
+
+
+async def read_body(chunks, limits: Limits) -> bytes:
+    """The bytes of an async iterable of body chunks, refused with 413 as soon
+    as they pass ``limits.max_request_bytes``, before the rest is read."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limits.max_request_bytes:
+            limit = limits.max_request_bytes
+            raise RequestError(
+                BODY_TOO_LARGE.format(size=f"more than {limit}", limit=limit),
+                TOO_LARGE,
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 # ------------------------------------------------------------------- explain
 
 

@@ -33,11 +33,13 @@ from audit.backends import (
     ModelBackend,
     ModelOutputError,
     load_backend,
+    npy_bytes,
     npy_upload,
 )
 from audit.occlusion import OcclusionSettings, explain
 
 BATCH_SIZES = (1, 2, 7, 4096)
+BINARY_PATH = "/predict_binary"
 BACKEND_PROPERTY = settings(
     max_examples=8,
     deadline=None,
@@ -52,11 +54,18 @@ BACKEND_PROPERTY = settings(
 
 class ModelServer:
     """A threaded HTTP server speaking the Bento's ``/metadata`` and
-    ``/predict_npy`` protocol over a numpy function, with failures to order."""
+    ``/predict_npy`` protocol over a numpy function, with failures to order.
+
+    ``binary=True`` in :meth:`serve` also advertises and answers the binary
+    endpoint ``/predict_binary`` (``.npy`` body in, ``.npy`` body out), as the
+    current service does; without it the server is an older one.
+    """
 
     def __init__(self):
         self.function = None
         self.card = {}
+        self.paths: list[str] = []
+        self.binary_answer = None
         self.failures: list[tuple[int, dict]] = []
         self.token = None
         self.delay = 0.0
@@ -90,7 +99,7 @@ class ModelServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def serve(self, function, shape, class_names, value_range=(0.0, 1.0)):
+    def serve(self, function, shape, class_names, value_range=(0.0, 1.0), binary=False):
         self.function = function
         self.card = {
             "tag": "served:test",
@@ -101,12 +110,15 @@ class ModelServer:
             },
             "limits": {"max_batch": 4096},
         }
+        if binary:
+            self.card["endpoints"] = {"predict_binary": BINARY_PATH}
 
     def handle(self, handler, body: bytes) -> None:
         with self.lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
             self.starts.append(time.monotonic())
+            self.paths.append(handler.path)
             failure = self.failures.pop(0) if self.failures else None
         try:
             if self.delay:
@@ -132,6 +144,18 @@ class ModelServer:
                         "labels": probabilities.argmax(axis=1).tolist(),
                     },
                 )
+            elif handler.path == BINARY_PATH and "endpoints" in self.card:
+                content_type = handler.headers["Content-Type"]
+                assert content_type == "application/octet-stream", content_type
+                images = np.load(io.BytesIO(body), allow_pickle=False)
+                with self.lock:
+                    self.sizes.append(len(images))
+                probabilities = np.asarray(self.function(images), np.float32)
+                self.reply_bytes(
+                    handler,
+                    "application/octet-stream",
+                    self.binary_answer or npy_bytes(probabilities),
+                )
             else:
                 self.reply(handler, 404, {"error": f"no route {handler.path}"})
         finally:
@@ -147,6 +171,14 @@ class ModelServer:
                 payload = part.get_payload(decode=True)
                 return np.load(io.BytesIO(payload), allow_pickle=False)
         raise ValueError("no 'images' field in the upload")
+
+    @staticmethod
+    def reply_bytes(handler, content_type: str, data: bytes) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     @staticmethod
     def reply(handler, status: int, body, headers=None) -> None:
@@ -403,6 +435,66 @@ def test_npy_upload_is_a_multipart_npy_file(array):
     np.testing.assert_array_equal(ModelServer.read_npy(content_type, body), array)
 
 
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1),
+        np.arange(24, dtype=np.float32).reshape(2, 4, 3, 1).transpose(0, 2, 1, 3),
+        np.zeros((0, 3, 4, 1), np.float32),
+    ],
+)
+def test_npy_bytes_are_what_numpy_save_writes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    assert npy_bytes(array) == buffer.getvalue()
+
+
+def test_binary_endpoint_is_used_when_the_card_advertises_it(server):
+    server.serve(mean_model, (3, 4, 1), ["dark", "bright"], binary=True)
+    images = np.random.default_rng(1).random((5, 3, 4, 1), dtype=np.float32)
+    with load_backend(server.url) as backend:
+        assert backend.predict_path == BINARY_PATH
+        got = backend.predict(images)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, mean_model(images), rtol=1e-6)
+    assert server.paths == ["/metadata", BINARY_PATH]
+
+
+def test_older_server_without_the_binary_endpoint_gets_multipart(server):
+    server.serve(mean_model, (3, 4, 1), ["dark", "bright"], binary=False)
+    images = np.random.default_rng(2).random((5, 3, 4, 1), dtype=np.float32)
+    with load_backend(server.url) as backend:
+        assert backend.predict_path == "/predict_npy"
+        np.testing.assert_allclose(backend.predict(images), mean_model(images))
+    assert server.paths == ["/metadata", "/predict_npy"]
+
+
+@pytest.mark.parametrize("endpoints", [[], {"predict_binary": 3}, {"other": "/x"}])
+def test_unusable_endpoint_entries_fall_back_to_multipart(server, endpoints):
+    server.serve(mean_model, (2, 2, 1), ["a", "b"])
+    server.card["endpoints"] = endpoints
+    with load_backend(server.url) as backend:
+        assert backend.predict_path == "/predict_npy"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"GIF89a", "not .npy"),
+        (npy_bytes(np.zeros((2, 2), np.float32))[:-4], "holds 12 bytes"),
+        (npy_bytes(np.full((1, 2), 0.5, np.float32)), r"shape \(1, 2\) for 2"),
+    ],
+)
+def test_binary_answers_that_are_not_probabilities_are_refused(server, answer, message):
+    server.serve(mean_model, (2, 2, 1), ["a", "b"], binary=True)
+    server.binary_answer = answer
+    with (
+        load_backend(server.url) as backend,
+        pytest.raises(ModelOutputError, match=message),
+    ):
+        backend.predict(np.ones((2, 2, 2, 1), np.float32))
+
+
 def test_empty_batch_sends_no_request(server):
     server.serve(mean_model, (2, 2, 1), ["a", "b"])
     with load_backend(server.url) as backend:
@@ -601,13 +693,15 @@ def test_store_tag_matches_reference(case, stored_model):
 @given(
     case=occlusion_cases(outputs=("probability", "log_probability"), max_side=6),
     in_flight=st.sampled_from([1, 2, 3]),
+    binary=st.booleans(),
 )
-def test_http_matches_reference(case, in_flight, server):
+def test_http_matches_reference(case, in_flight, binary, server):
     names = [str(i) for i in range(case["n_classes"])]
     server.serve(
         linear_model(case["shape"], case["n_classes"], case["seed"]),
         case["shape"],
         names,
+        binary=binary,
     )
     with load_backend(server.url, max_in_flight=in_flight) as backend:
         check_against_reference(backend, case)

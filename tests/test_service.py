@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from bentoml.exceptions import BadInput, InvalidArgument
 from audit.backends import load_backend
 from audit.occlusion import OcclusionSettings
 from audit.occlusion import explain as occlusion_explain
-from bento_service.validation import Limits
+from bento_service.validation import Limits, RequestError
 
 TAG_ENV = "AUDIT_MODEL_TAG"
 
@@ -156,6 +157,46 @@ def test_predict_npy_matches_predict(svc, digits, tmp_path, dtype):
         got["probabilities"], expected["probabilities"], atol=1e-5
     )
     assert got["labels"] == expected["labels"]
+
+
+# ---------------------------------------------------------- predict_binary
+
+
+def npy_body(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint8"])
+def test_predict_binary_body_matches_predict(svc, digits, dtype):
+    images = digits[0][:8]
+    if dtype == "uint8":
+        sent = np.round(images * 255).astype(np.uint8)
+        images = sent.astype(np.float32) / np.float32(255)
+    else:
+        sent = images.astype(dtype)
+    answer = svc.predict_binary_body(npy_body(sent))
+    probabilities = np.load(io.BytesIO(answer), allow_pickle=False)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (8, 10)
+    expected = svc.predict(images=images)["probabilities"]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def test_predict_binary_body_refusals_carry_their_status(svc, monkeypatch):
+    wrong = npy_body(np.zeros((2, 28, 28, 3), np.float32))
+    with pytest.raises(RequestError, match=r"shape \(2, 28, 28, 3\)") as info:
+        svc.predict_binary_body(wrong)
+    assert info.value.status == HTTPStatus.UNPROCESSABLE_ENTITY
+    monkeypatch.setattr(svc, "limits", Limits(max_request_bytes=1000))
+    with pytest.raises(RequestError, match="AUDIT_MAX_REQUEST_BYTES") as info:
+        svc.predict_binary_body(npy_body(np.zeros((4, 28, 28, 1), np.float32)))
+    assert info.value.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+def test_metadata_advertises_the_binary_endpoint(svc, service_module):
+    path = svc.metadata()["endpoints"]["predict_binary"]
+    assert path == service_module.BINARY_PATH == "/predict_binary"
 
 
 # ----------------------------------------------------------------- explain

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -77,6 +79,20 @@ def npy_upload(array) -> dict:
     return {"images": ("images.npy", buffer.getvalue(), "application/octet-stream")}
 
 
+BINARY = "/predict_binary"
+OCTET_STREAM = {"content-type": "application/octet-stream"}
+
+
+def npy_body(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def post_binary(client, body: bytes, headers=None):
+    return client.post(BINARY, content=body, headers=headers or OCTET_STREAM)
+
+
 def error_of(response, status: int) -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -91,6 +107,7 @@ def test_readyz_and_metadata(client, stored_model):
     assert card["tag"] == stored_model
     assert card["metadata"]["input_shape"] == [28, 28, 1]
     assert card["limits"]["max_request_bytes"] == MAX_REQUEST_BYTES
+    assert card["endpoints"] == {"predict_binary": BINARY}
 
 
 def test_predict_json_and_npy_agree_with_the_model(client, small_model, digits):
@@ -114,6 +131,110 @@ def test_predict_npy_uint8(client, digits):
     np.testing.assert_allclose(
         by_uint8["probabilities"], by_float["probabilities"], atol=1e-6
     )
+
+
+def test_predict_binary_agrees_with_the_model(client, small_model, digits):
+    images = digits[0][:16]
+    response = post_binary(client, npy_body(images))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    probabilities = np.load(io.BytesIO(response.content), allow_pickle=False)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (16, 10)
+    np.testing.assert_allclose(
+        probabilities, small_model.predict_on_batch(images), atol=1e-5
+    )
+    by_npy = client.post("/predict_npy", files=npy_upload(images)).json()
+    np.testing.assert_allclose(probabilities, by_npy["probabilities"], atol=1e-6)
+
+
+def test_predict_binary_uint8_and_single_image(client, digits):
+    pixels = np.round(digits[0][:4] * 255).astype(np.uint8)
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    answers = [
+        np.load(io.BytesIO(post_binary(client, npy_body(a)).content))
+        for a in (pixels, scaled, scaled[0, ..., 0])
+    ]
+    np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)
+    np.testing.assert_allclose(answers[2], answers[1][:1], atol=1e-6)
+
+
+def _npy_header_only(shape) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue()
+
+
+def _with_nan() -> bytes:
+    images = np.zeros((3, 28, 28, 1), np.float32)
+    images[2, 7, 8, 0] = np.nan
+    return npy_body(images)
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, words",
+    [
+        (npy_body(np.zeros((2, 28, 28, 3), np.float32)), None, 422, ["(2, 28, 28, 3)"]),
+        (npy_body(np.zeros((1, 28, 28, 1), np.int16)), None, 422, ["dtype int16"]),
+        (_with_nan(), None, 422, ["NaN", "image 2"]),
+        (npy_body(np.full((1, 28, 28, 1), 7.0)), None, 422, ["max 7", "[0, 1]"]),
+        (npy_body(np.zeros((0, 28, 28, 1), np.float32)), None, 422, ["no images"]),
+        (_npy_header_only((5000, 28, 28, 1)), None, 413, ["5000 images"]),
+        (_npy_header_only((2, 28, 28, 1)), None, 400, ["truncated"]),
+        (b"GIF89a", None, 400, ["not a .npy"]),
+        (
+            npy_body(np.zeros((1, 28, 28, 1), np.float32)),
+            {"content-type": "multipart/form-data; boundary=x"},
+            415,
+            ["application/octet-stream", "/predict_npy"],
+        ),
+    ],
+)
+def test_bad_binary_requests_get_4xx_with_a_message(
+    client, body, headers, status, words
+):
+    message = error_of(post_binary(client, body, headers), status)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_pickled_binary_upload_is_400_and_never_unpickled(client):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    message = error_of(post_binary(client, buffer.getvalue()), 400)
+    assert "Python objects" in message
+
+
+def test_oversize_binary_body_is_413_before_it_is_sent(server):
+    """The server answers 413 on the declared Content-Length alone: only the
+    request head is sent, and the answer comes without the body."""
+    address = urlsplit(server)
+    head = (
+        f"POST {BINARY} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {10 * MAX_REQUEST_BYTES}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as s:
+        s.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status_line, answer
+    assert b"AUDIT_MAX_REQUEST_BYTES" in rest
+
+
+def test_chunked_oversize_binary_body_is_413(client):
+    def chunks():
+        for _ in range(3):
+            yield b" " * 2**20
+
+    response = client.post(BINARY, content=chunks(), headers=OCTET_STREAM)
+    assert "more than" in error_of(response, 413)
 
 
 def test_explain_over_http(client, digits):
@@ -240,6 +361,7 @@ def test_audit_http_backend_against_the_served_model(server, small_model, digits
     images = digits[0][:8]
     settings = OcclusionSettings(window=7, stride=7)
     with load_backend(server) as remote:
+        assert remote.predict_path == BINARY
         assert remote.input_shape == (28, 28, 1)
         assert remote.value_range == (0.0, 1.0)
         np.testing.assert_allclose(
@@ -255,11 +377,13 @@ def test_audit_http_backend_against_the_served_model(server, small_model, digits
 
 def test_refusals_are_logged_without_tracebacks(client, server_log):
     client.post("/predict", json={"images": [[0.25, 0.5]]})
+    post_binary(client, npy_body(np.zeros((3, 5), np.float32)))
     deadline = time.monotonic() + 10
-    while "shape (1, 2)" not in server_log.read_text() and time.monotonic() < deadline:
+    while "shape (3, 5)" not in server_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     text = server_log.read_text()
     assert "refused /predict [POST] with 422: images has shape (1, 2)" in text
+    assert f"refused {BINARY} [POST] with 422: images has shape (3, 5)" in text
     assert "Traceback" not in text
 
 

@@ -22,9 +22,11 @@ from bento_service.validation import (
     Limits,
     RequestError,
     check_body_size,
+    check_content_length,
     check_explain_settings,
     decode_images,
     decode_npy,
+    read_body,
     windows_along,
 )
 
@@ -602,3 +604,47 @@ def test_non_http_scopes_pass_untouched():
 
     asyncio.run(BodySizeLimit(app, max_bytes=1)({"type": "lifespan"}, None, None))
     assert called == ["lifespan"]
+
+
+# ------------------------------------------------ streamed body and its length
+
+
+def test_content_length_is_checked_before_the_body():
+    limits = Limits(max_request_bytes=10)
+    check_content_length(None, limits)
+    check_content_length("10", limits)
+    with pytest.raises(RequestError, match="11 bytes; at most 10") as info:
+        check_content_length("11", limits)
+    assert info.value.status == TOO_LARGE
+    for bad in ("ten", "-1"):
+        with pytest.raises(RequestError, match="Content-Length") as info:
+            check_content_length(bad, limits)
+        assert info.value.status == BAD_REQUEST
+
+
+def _stream(chunks, consumed):
+    async def generate():
+        for chunk in chunks:
+            consumed.append(chunk)
+            yield chunk
+
+    return generate()
+
+
+def test_read_body_joins_chunks_up_to_the_limit():
+    consumed = []
+    body = asyncio.run(
+        read_body(
+            _stream([b"abc", b"", b"defg"], consumed), Limits(max_request_bytes=7)
+        )
+    )
+    assert body == b"abcdefg"
+
+
+def test_read_body_stops_at_the_first_chunk_over_the_limit():
+    consumed = []
+    chunks = [b"x" * 6, b"x" * 6, b"x" * 6]
+    with pytest.raises(RequestError, match="more than 10 bytes") as info:
+        asyncio.run(read_body(_stream(chunks, consumed), Limits(max_request_bytes=10)))
+    assert info.value.status == TOO_LARGE
+    assert len(consumed) == 2  # the third chunk is never read
