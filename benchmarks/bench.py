@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench.py            # or: make bench
     .venv/bin/python benchmarks/bench.py --skip peers,http --json out.json
+    .venv/bin/python benchmarks/bench.py --only http --http-in-flight 2,1,3
 
 Everything runs on the MNIST CNN in the BentoML store (``mnist_cnn:latest``,
 trained first with ``python -m bento_service.train`` when missing) and the
@@ -14,7 +15,11 @@ image). In one run it measures:
   alternately, three times each, and medians are compared;
 * ``http`` - the engine through :class:`audit.backends.HttpBackend` against a
   real ``bentoml serve`` started on loopback by this script (and stopped
-  after), as a ratio to the in-process engine: ``http_vs_inprocess``;
+  after), as a ratio to the in-process engine: ``http_vs_inprocess``. The
+  backend uses the service's binary endpoint (``.npy`` in and out) when the
+  service advertises it; ``--http-in-flight`` sets how many requests it keeps
+  open (the first value gives the headline, further values are measured on
+  the same server for comparison);
 * ``audit`` - ``python -m audit run`` in a subprocess over the 10,000 test
   images and over the test set twice (20,000, via ``dataset.repeat``): wall
   time and the child's peak resident memory (``wait4``);
@@ -263,8 +268,14 @@ def _tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def measure_http(local, images, labels, inprocess: dict, repeats: int = 4) -> dict:
+def measure_http(
+    local, images, labels, inprocess: dict, in_flight=(2,), repeats: int = 4
+) -> dict:
     """The engine through a served Bento, as a ratio to the in-process engine.
+
+    One server is started; the backend is measured with each number of
+    requests in flight in ``in_flight``, the first giving the headline and
+    the others reported under ``other_in_flight``.
 
     HTTP trials alternate with in-process trials on the ``local`` backend, so
     both sides see the same moments of the machine; the headline compares the
@@ -276,51 +287,87 @@ def measure_http(local, images, labels, inprocess: dict, repeats: int = 4) -> di
     ``cpu_bound_ratio`` (in-process CPU over client plus server CPU) is the
     best ``http_vs_inprocess`` this service and client can reach here.
     """
-    from audit.backends import load_backend
-    from audit.occlusion import explain
-
     if not (REPO / "bento_service" / "service.py").is_file():
         return {"error": "bento_service/service.py is missing; no service to serve"}
-    settings = occlusion_settings()
+    measured = []
     with tempfile.TemporaryDirectory() as folder:
         log_path = Path(folder) / "serve.log"
         try:
             with bentoml_serve(log_path) as (url, pid):
-                backend = load_backend(url, max_in_flight=2)
-                try:
-                    explain(backend, images[:100], labels[:100], settings)
-                    rates, local_rates, client_cpu, server_cpu = [], [], [], []
-                    for _ in range(repeats):
-                        started = time.perf_counter()
-                        result = explain(local, images, labels, settings)
-                        seconds = time.perf_counter() - started
-                        local_rates.append(result.forward_passes / seconds)
-
-                        server_before = _tree_cpu_seconds(pid)
-                        client_before = time.process_time()
-                        started = time.perf_counter()
-                        result = explain(backend, images, labels, settings)
-                        seconds = time.perf_counter() - started
-                        per_1000 = 1000 / result.forward_passes
-                        client_cpu.append(
-                            (time.process_time() - client_before) * 1000 * per_1000
-                        )
-                        server_cpu.append(
-                            (_tree_cpu_seconds(pid) - server_before) * 1000 * per_1000
-                        )
-                        rates.append(result.forward_passes / seconds)
-                finally:
-                    backend.close()
+                for n in in_flight:
+                    measured.append(
+                        _http_trials(url, pid, n, local, images, labels, repeats)
+                    )
         except (RuntimeError, TimeoutError, OSError) as e:
             return {"error": f"{type(e).__name__}: {e}"}
+    own = inprocess["engine_cpu_ms_per_1000_passes"]
+    results = [_http_summary(trials, own, len(images)) for trials in measured]
+    headline = results[0]
+    if len(results) > 1:
+        headline["other_in_flight"] = {
+            str(result["max_in_flight"]): result for result in results[1:]
+        }
+    return headline
+
+
+def _http_trials(url, pid, max_in_flight, local, images, labels, repeats) -> dict:
+    """Alternating in-process and HTTP trials with ``max_in_flight`` requests
+    open; rates and CPU per 1,000 passes of each trial."""
+    from audit.backends import load_backend
+    from audit.occlusion import explain
+
+    settings = occlusion_settings()
+    backend = load_backend(url, max_in_flight=max_in_flight)
+    try:
+        explain(backend, images[:100], labels[:100], settings)
+        rates, local_rates, client_cpu, server_cpu = [], [], [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            result = explain(local, images, labels, settings)
+            seconds = time.perf_counter() - started
+            local_rates.append(result.forward_passes / seconds)
+
+            server_before = _tree_cpu_seconds(pid)
+            client_before = time.process_time()
+            started = time.perf_counter()
+            result = explain(backend, images, labels, settings)
+            seconds = time.perf_counter() - started
+            per_1000 = 1000 / result.forward_passes
+            client_cpu.append((time.process_time() - client_before) * 1000 * per_1000)
+            server_cpu.append(
+                (_tree_cpu_seconds(pid) - server_before) * 1000 * per_1000
+            )
+            rates.append(result.forward_passes / seconds)
+    finally:
+        backend.close()
+    return {
+        "max_in_flight": max_in_flight,
+        "endpoint": backend.predict_path,
+        "rates": rates,
+        "local_rates": local_rates,
+        "client_cpu": client_cpu,
+        "server_cpu": server_cpu,
+    }
+
+
+def _http_summary(trials: dict, own: float, n_images: int) -> dict:
+    rates, local_rates = trials["rates"], trials["local_rates"]
     rate, inprocess_rate = max(rates), max(local_rates)
     paired = statistics.median(h / i for h, i in zip(rates, local_rates, strict=True))
-    client, server = statistics.median(client_cpu), statistics.median(server_cpu)
-    own = inprocess["engine_cpu_ms_per_1000_passes"]
-    logger.info("HTTP: %.0f passes/s (%.3f of in process)", rate, rate / inprocess_rate)
+    client = statistics.median(trials["client_cpu"])
+    server = statistics.median(trials["server_cpu"])
+    logger.info(
+        "HTTP, %d in flight, %s: %.0f passes/s (%.3f of in process, paired %.3f)",
+        trials["max_in_flight"],
+        trials["endpoint"],
+        rate,
+        rate / inprocess_rate,
+        paired,
+    )
     return {
-        "images": len(images),
-        "max_in_flight": 2,
+        "images": n_images,
+        "max_in_flight": trials["max_in_flight"],
+        "endpoint": trials["endpoint"],
         "passes_per_second": round(rate),
         "runs": [round(r) for r in rates],
         "in_process_runs": [round(r) for r in local_rates],
@@ -685,6 +732,18 @@ def parse_args(argv):
     parser.add_argument(
         "--skip", default="", help=f"comma-separated parts to skip: {PART_NAMES}"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts to run (the in-process measure always runs); "
+        "the others are skipped",
+    )
+    parser.add_argument(
+        "--http-in-flight",
+        default="2",
+        help="comma-separated requests in flight for the HTTP part; the first "
+        "gives http_vs_inprocess",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     return parser.parse_args(argv)
 
@@ -725,6 +784,16 @@ def summary(parts: dict) -> dict:
     }
 
 
+def _names(text: str, option: str) -> set[str]:
+    names = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = names - set(PART_NAMES)
+    if unknown:
+        raise SystemExit(
+            f"{option}: unknown part(s) {sorted(unknown)}; use {PART_NAMES}"
+        )
+    return names
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -732,10 +801,19 @@ def main(argv=None) -> int:
     )
     for noisy in ("httpx", "bentoml", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - set(PART_NAMES)
-    if unknown:
-        raise SystemExit(f"--skip: unknown part(s) {sorted(unknown)}; use {PART_NAMES}")
+    skip = _names(args.skip, "--skip")
+    only = _names(args.only, "--only")
+    if only:
+        skip |= set(PART_NAMES) - only
+    try:
+        in_flight = [int(n) for n in args.http_in_flight.split(",")]
+    except ValueError:
+        in_flight = []
+    if not in_flight or min(in_flight) < 1:
+        raise SystemExit(
+            f"--http-in-flight {args.http_in_flight!r}: give whole numbers >= 1, "
+            "comma-separated"
+        )
 
     from audit.backends import load_backend
 
@@ -750,7 +828,9 @@ def main(argv=None) -> int:
     parts["inprocess"] = inprocess
     if "http" not in skip:
         n = args.http_images
-        parts["http"] = measure_http(backend, images[:n], labels[:n], inprocess)
+        parts["http"] = measure_http(
+            backend, images[:n], labels[:n], inprocess, in_flight
+        )
     if "audit" not in skip:
         with tempfile.TemporaryDirectory() as folder:
             parts["audit_10k"] = run_audit(1, Path(folder))
