@@ -63,11 +63,8 @@ def stored_model(small_model, bentoml_home):
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    """The shared test-data folder beside the repository."""
+def test_data():
+    """The tests' own data folder (see tests/data/README.md)."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"shared test data not found at {folder}")
-    return folder
+    return Path(__file__).resolve().parent / "data"

@@ -17,9 +17,7 @@ from audit.findings import default_rules
 from audit.occlusion import OcclusionResult
 from audit.slices import Slice, SliceSet, SliceSettings
 
-WRITERS = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_test_writers.csv"
-)
+WRITERS = Path(__file__).resolve().parent / "data" / "mnist_test_writers.csv"
 FAST = StatisticsSettings(n_bootstrap=200, n_permutations=200, seed=1)
 
 

@@ -29,8 +29,8 @@ def test_mnist_test_split_shapes_labels_and_writer_groups(mnist_test_dataset):
     assert ds.labels[0] == 7 and ds.labels[-1] == 6
 
 
-def test_mnist_labels_agree_with_shared_writer_table(mnist_test_dataset, shared_data):
-    writers = pd.read_csv(shared_data / "mnist_test_writers.csv", comment="#")
+def test_mnist_labels_agree_with_the_writer_table(mnist_test_dataset, test_data):
+    writers = pd.read_csv(test_data / "mnist_test_writers.csv", comment="#")
     assert (writers["label"].to_numpy() == mnist_test_dataset.labels).all()
     hsf = writers["hsf_series"].to_numpy()
     built_in = mnist_test_dataset.table["writer_group"].to_numpy()

@@ -11,9 +11,7 @@ from pydantic import ValidationError
 
 from audit.slices import MISSING, NumericBinning, SliceSet, SliceSettings
 
-WRITERS = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_test_writers.csv"
-)
+WRITERS = Path(__file__).resolve().parent / "data" / "mnist_test_writers.csv"
 
 
 def table(**columns) -> pd.DataFrame:
