@@ -43,6 +43,13 @@ INDEX_FILE = "index.html"
 TREND_METRICS = ["accuracy", "ece", "max_drop", "flip_rate"]
 MAX_TEXT_SLICE_CHANGES = 40
 COUNT_KEYS = (*SEVERITIES, "judged", "too_few")
+# Settings of how a run was executed, not of what it measured: runs that differ
+# only in these are comparable.
+RUN_ONLY_CONFIG_KEYS = frozenset(
+    {"run_id", "output", "checkpoint_seconds", "chunk_size", "dask"}
+)
+# Counts that follow from the number of images, not from the occlusion settings.
+RUN_ONLY_METHOD_KEYS = frozenset({"forward_passes_total"})
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ def update_index(output_root: Path) -> Path:
     runs = list_runs(output_root)
     context = {
         "title": "Bias audit runs",
-        "subtitle": f"{len(runs)} runs in {output_root.resolve().name}",
+        "subtitle": f"{plural(len(runs), 'run')} in {output_root.resolve().name}",
         "columns": [metric_info(k) for k in TREND_METRICS],
         "rows": _index_rows(runs),
         "trends": _trends(runs),
@@ -372,7 +379,14 @@ def _trends(runs: list[RunRecord]) -> list[dict]:
                     lambda v, p=info.percent: format_value(v, p),
                 )
             )
-        trends.append({"dataset": name, "runs": len(series), "charts": charts})
+        trends.append(
+            {
+                "dataset": name,
+                "runs": len(series),
+                "runs_text": plural(len(series), "run"),
+                "charts": charts,
+            }
+        )
     return trends
 
 
@@ -430,13 +444,30 @@ def _comparability(a: dict, b: dict) -> list[str]:
                 f"the {label} differs ({value_a} vs {value_b}): changes may come "
                 "from that, not from the model's behaviour"
             )
-    if a.get("method") != b.get("method"):
+    method_a = _without(a.get("method"), RUN_ONLY_METHOD_KEYS)
+    method_b = _without(b.get("method"), RUN_ONLY_METHOD_KEYS)
+    if method_a != method_b:
         warnings.append(
             "the occlusion settings differ: attribution metrics are not comparable"
         )
-    if a.get("config") != b.get("config") and a.get("method") == b.get("method"):
+    config_a = _without(a.get("config"), RUN_ONLY_CONFIG_KEYS)
+    config_b = _without(b.get("config"), RUN_ONLY_CONFIG_KEYS)
+    if config_a != config_b and method_a == method_b:
         warnings.append("the configurations differ (rules, slices or statistics)")
     return warnings
+
+
+def plural(n: int, word: str) -> str:
+    """``1 run``, ``2 runs``: a count with its noun in the right number."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _without(block, keys: frozenset) -> dict:
+    """A results block without the keys that describe how a run was executed
+    rather than what it measured."""
+    if not isinstance(block, dict):
+        return {}
+    return {k: v for k, v in block.items() if k not in keys}
 
 
 def _finding_key(finding: dict) -> tuple[str, str]:

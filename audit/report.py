@@ -47,6 +47,7 @@ import numpy as np
 from . import figures
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .datasets import WRITER_GROUP_COLUMN
+from .slices import SliceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +334,7 @@ class _View:
         self.findings = list(results.get("findings", []))
         self.flagged = {(f.get("slice"), f.get("metric")) for f in self.findings}
         self.index = {s["name"]: i for i, s in enumerate(self.slices)}
+        self.tested_metrics = _tested_metrics(results)
         self.map_slices, self.omitted_too_few, self.omitted_over_limit = (
             self._choose_map_slices()
         )
@@ -470,9 +472,7 @@ class _View:
             "coverage": _coverage_sentence(
                 counts.get("judged", 0), counts.get("too_few", 0)
             ),
-            "min_slice_size": find_setting(
-                self.results.get("config", {}), "min_slice_size"
-            ),
+            "min_slice_size": _count(min_slice_size(self.results)),
         }
 
     def _facts(self) -> list[tuple[str, str]]:
@@ -519,7 +519,10 @@ class _View:
                             "95% CI",
                             format_gap_interval(finding.get("ci"), info.percent),
                         ),
-                        ("Corrected p", format_p(finding.get("p_value"))),
+                        (
+                            "Corrected p" + self._descriptive_suffix(finding),
+                            format_p(finding.get("p_value")),
+                        ),
                         ("n", _count(n)),
                         ("Rule", str(finding.get("rule", ""))),
                     ],
@@ -557,7 +560,7 @@ class _View:
                         "gap_ci": format_gap_interval(
                             stats.get("gap_ci"), info.percent
                         ),
-                        "p": p_clause(stats.get("p_adjusted")),
+                        "p": self._p_clause(info.key, stats),
                         "flagged": (s["name"], info.key) in self.flagged,
                     }
                 )
@@ -571,7 +574,13 @@ class _View:
                     "cells": cells,
                 }
             )
-        return {"columns": columns, "rows": out}
+        return {
+            "columns": columns,
+            "rows": out,
+            "descriptive": [
+                info.label for info in columns if not self._in_family(info.key)
+            ],
+        }
 
     def _region_keys(self) -> list[str]:
         keys: list[str] = []
@@ -609,9 +618,9 @@ class _View:
                     "flagged": any(name == s["name"] for name, _ in self.flagged),
                     "gap": format_gap(accuracy.get("gap"), True),
                     "gap_ci": format_gap_interval(accuracy.get("gap_ci"), True),
-                    "gap_p": p_clause(accuracy.get("p_adjusted")),
+                    "gap_p": self._p_clause("accuracy", accuracy),
                     "distance": format_value(distance.get("value"), False),
-                    "distance_p": p_clause(distance.get("p_adjusted")),
+                    "distance_p": self._p_clause("map_distance", distance),
                     "cells": cells,
                 }
             )
@@ -850,8 +859,7 @@ class _View:
             ("Output space", str(m.get("output", "—"))),
             ("Window grid", _pair(m.get("grid_shape"))),
             ("Windows per image", _count(m.get("n_windows"))),
-            ("Forward passes per image", _count(m.get("forward_passes_per_image"))),
-            ("Forward passes in all", _count(m.get("forward_passes_total"))),
+            *self._passes(),
             ("Largest batch", _count(m.get("max_batch"))),
         ]
         known = {
@@ -866,6 +874,8 @@ class _View:
             "forward_passes_per_image",
             "forward_passes_total",
             "max_batch",
+            "faithfulness_steps",
+            "faithfulness_every",
         }
         for key, value in m.items():
             if key not in known:
@@ -875,23 +885,95 @@ class _View:
     def _limitations(self) -> dict:
         m = self.results.get("method", {})
         config = self.results.get("config", {})
-        tests = sum(
-            1
+        statistics = self.results.get("statistics", {}) or {}
+        corrected = [
+            key
             for s in self.slices
-            for stats in s.get("metrics", {}).values()
+            for key, stats in s.get("metrics", {}).items()
             if isinstance(stats, Mapping) and _finite(stats.get("p_adjusted"))
-        )
+        ]
+        in_family = sum(self._in_family(key) for key in corrected)
+        family_size = statistics.get("family_size")
+        if not _finite(family_size):
+            family_size = in_family
+        tested = sorted(self.tested_metrics or ())
         return {
             "window": _pair(m.get("window")),
             "stride": _pair(m.get("stride")),
             "baseline": _baseline(m),
             "target": str(m.get("target", "the predicted class")),
             "output": str(m.get("output", "probability")),
-            "min_slice_size": _plain(find_setting(config, "min_slice_size")),
-            "correction": _plain(find_setting(config, "correction")),
-            "tests": _count(tests),
+            "min_slice_size": _count(min_slice_size(self.results)),
+            "correction": _plain(
+                statistics.get("correction") or find_setting(config, "correction")
+            ),
+            "tests": _count(family_size),
+            "tests_plural": "test was" if family_size == 1 else "tests were",
+            "tested_metrics": ", ".join(metric_info(k).label for k in tested),
+            "descriptive": _count(len(corrected) - in_family),
             "too_few": _count(sum(s.get("status") != "judged" for s in self.slices)),
         }
+
+    def _in_family(self, metric: str) -> bool:
+        """Whether a metric's p-values belong to the family of tests the rules
+        judge; the others are corrected in a separate, descriptive family."""
+        return self.tested_metrics is None or metric in self.tested_metrics
+
+    def _descriptive_suffix(self, finding: dict) -> str:
+        return (
+            "" if self._in_family(str(finding.get("metric", ""))) else " (descriptive)"
+        )
+
+    def _p_clause(self, metric: str, stats: dict) -> str:
+        """``p = 0.012`` for a test of the judged family, ``p (descriptive)
+        0.62`` for a metric no rule judges."""
+        p = stats.get("p_adjusted")
+        if self._in_family(metric) or not _finite(p):
+            return p_clause(p)
+        return f"p (descriptive) {format_p(p)}"
+
+    def _passes(self) -> list[tuple[str, str]]:
+        """Forward passes per image and in all, split into the occlusion
+        passes (one per window plus the unoccluded image) and the passes of the
+        deletion and insertion curves (``steps + 1`` points each)."""
+        m = self.results.get("method", {})
+        per_image = m.get("forward_passes_per_image")
+        total = m.get("forward_passes_total")
+        steps, every = m.get("faithfulness_steps"), m.get("faithfulness_every")
+        occlusion_text = _count(per_image)
+        if _finite(per_image) and _finite(m.get("n_windows")):
+            occlusion_text += (
+                f" ({int(m['n_windows']):,} windows and the unoccluded image)"
+            )
+        rows = [("Occlusion passes per image", occlusion_text)]
+        if _finite(steps) and steps > 0:
+            per_curve_image = 2 * (int(steps) + 1)
+            which = "every image"
+            if _finite(every) and every > 1:
+                which = f"one image in {int(every):,}"
+            rows.append(
+                (
+                    "Faithfulness passes per curve image",
+                    f"{per_curve_image:,} (deletion and insertion curves, "
+                    f"{int(steps) + 1} points each, on {which})",
+                )
+            )
+            n = self.results.get("dataset", {}).get("n_audited")
+            if _finite(n) and _finite(per_image) and _finite(total):
+                occlusion = int(n) * int(per_image)
+                curves = int(total) - occlusion
+                if curves >= 0 and curves % per_curve_image == 0:
+                    rows.append(
+                        (
+                            "Forward passes by part",
+                            f"occlusion {occlusion:,} ({int(n):,} images × "
+                            f"{int(per_image):,}); faithfulness curves "
+                            f"{curves:,} ({curves // per_curve_image:,} images × "
+                            f"{per_curve_image:,})",
+                        )
+                    )
+        rows.append(("Forward passes in all", _count(total)))
+        return rows
 
     def _skips(self) -> dict:
         dataset = self.results.get("dataset", {})
@@ -1056,6 +1138,33 @@ def _downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
     side = int(np.ceil(max(image.shape[:2]) / factor))
     channels = np.moveaxis(np.asarray(image, np.float64), -1, 0)
     return np.moveaxis(figures.block_downsample(channels, side), 0, -1)
+
+
+def min_slice_size(results: dict) -> int:
+    """The smallest slice the run judged: from the run's slice settings, else
+    from its statistics block, else the default slicing's minimum (a run with
+    ``"slices": null`` used the default settings)."""
+    config = results.get("config", {}) or {}
+    slices = config.get("slices") if isinstance(config, Mapping) else None
+    for source in (slices, results.get("statistics"), config):
+        value = find_setting(source, "min_slice_size")
+        if _finite(value):
+            return int(value)
+    return int(SliceSettings.model_fields["min_slice_size"].default)
+
+
+def _tested_metrics(results: dict) -> set[str] | None:
+    """Metrics in the family of tests the rules judge: from the statistics
+    block, else the metrics the configured rules name; ``None`` when neither is
+    known (then every p-value is shown as a test)."""
+    statistics = results.get("statistics", {}) or {}
+    tested = statistics.get("tested_metrics")
+    if isinstance(tested, list | tuple):
+        return {str(m) for m in tested}
+    rules = (results.get("config", {}) or {}).get("rules")
+    if isinstance(rules, list) and rules:
+        return {str(r.get("metric")) for r in rules if isinstance(r, Mapping)}
+    return None
 
 
 def _coverage_sentence(judged, too_few) -> str:

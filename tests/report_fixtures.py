@@ -172,7 +172,9 @@ def make_audit(
             "grid_shape": [7, 7],
             "n_windows": 49,
             "forward_passes_per_image": 50,
-            "forward_passes_total": 499900,
+            # 9,998 images x (49 windows + 1) occlusion passes, and on each
+            # image deletion and insertion curves of 10 steps (11 points each).
+            "forward_passes_total": 9998 * (50 + 2 * 11),
             "max_batch": 1024,
             "faithfulness_steps": 10,
             "faithfulness_every": 1,

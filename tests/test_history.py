@@ -344,3 +344,42 @@ def test_compare_html_is_written_escaped_and_accessible(tmp_path, base_results):
 
 def _metric(row: dict, key: str) -> dict:
     return next(m for m in row["metrics"] if m["metric"] == key)
+
+
+def test_compare_ignores_settings_of_how_a_run_was_executed(tmp_path, base_results):
+    resumed = copy.deepcopy(base_results)
+    resumed["config"].update(
+        run_id="resumed",
+        output="/elsewhere",
+        checkpoint_seconds=5.0,
+        chunk_size=512,
+        dask={"workers": 2},
+    )
+    resumed["method"]["forward_passes_total"] += 1234
+    resumed["run"]["resumed"] = True
+    a = _run(tmp_path, base_results, 1)
+    b = _run(tmp_path, resumed, 2)
+
+    assert compare_runs(a, b)["warnings"] == []
+
+
+def test_compare_still_warns_when_settings_that_measure_differ(tmp_path, base_results):
+    other = copy.deepcopy(base_results)
+    other["config"]["seed"] = 7
+    other["config"]["run_id"] = "other"
+    a = _run(tmp_path, base_results, 1)
+    b = _run(tmp_path, other, 2)
+
+    assert compare_runs(a, b)["warnings"] == [
+        "the configurations differ (rules, slices or statistics)"
+    ]
+
+
+def test_index_counts_runs_in_the_right_number(tmp_path, base_results):
+    _run(tmp_path, base_results, 1)
+
+    text = _Tags(update_index(tmp_path).read_text()).plain_text()
+
+    assert "(1 run)" in text
+    assert "1 run in" in text
+    assert "1 runs" not in text

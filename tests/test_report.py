@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import math
 import re
@@ -321,7 +322,7 @@ def test_method_and_limitations_are_stated(page):
         "Baseline constant 0",
         "Target predicted",
         "Output space probability",
-        "Forward passes per image 50",
+        "Occlusion passes per image 50 (49 windows and the unoccluded image)",
         "Sensitivity, not cause.",
         "Resolution of one window.",
         "The baseline changes the maps.",
@@ -485,3 +486,109 @@ def test_minimal_results_render():
 
     assert "Verdict: unknown" in text
     assert "No finding" in text
+
+
+def _judged_writer_slice(results: dict) -> dict:
+    return next(
+        s
+        for s in results["slices"]
+        if s["columns"] == ["writer_group"] and s["status"] == "judged"
+    )
+
+
+def test_min_slice_size_is_stated_when_the_config_has_default_slicing(small):
+    results, arrays = small
+    results = copy.deepcopy(results)
+    results["config"]["slices"] = None
+    del results["config"]["statistics"]["min_slice_size"]
+
+    default = _Page(render_html(results, arrays)).plain_text()
+    results["statistics"] = {"min_slice_size": 40}
+    from_statistics = _Page(render_html(results, arrays)).plain_text()
+    results["config"]["slices"] = {"min_slice_size": 25}
+    from_config = _Page(render_html(results, arrays)).plain_text()
+
+    assert "Slices with fewer than 30 images are not judged" in default
+    assert "too few images to judge (fewer than 30)." in default
+    assert "Slices with fewer than 40 images are not judged" in from_statistics
+    assert "Slices with fewer than 25 images are not judged" in from_config
+    for text in (default, from_statistics, from_config):
+        assert "fewer than —" not in text
+
+
+def test_report_states_the_family_size_and_marks_descriptive_p_values(small):
+    results, arrays = small
+    results = copy.deepcopy(results)
+    results["statistics"] = {
+        "correction": "holm",
+        "family": "judged slices x metrics judged by a rule",
+        "family_size": 120,
+        "tested_metrics": ["accuracy", "map_distance"],
+    }
+    group = _judged_writer_slice(results)
+    group["metrics"]["max_drop"]["p_adjusted"] = 0.62
+    group["metrics"]["ece"]["p_adjusted"] = 1.0
+    for s in results["slices"]:
+        if s["columns"] == ["writer_group"]:
+            s["metrics"]["accuracy"]["p_adjusted"] = 0.012
+    before = json.dumps(to_json_safe(results), sort_keys=True)
+
+    html = render_html(results, arrays)
+    text = _Page(html).plain_text()
+    start = html.index('id="writer-groups"')
+    writer_section = _Page(html[start : html.index("</section>", start)])
+    judged_groups = sum(
+        s["columns"] == ["writer_group"] and s["status"] == "judged"
+        for s in results["slices"]
+    )
+
+    assert json.dumps(to_json_safe(results), sort_keys=True) == before
+    assert "120 tests were corrected for multiple comparisons (holm)" in text
+    assert "the metrics a rule judges (Accuracy, Map distance)" in text
+    assert "p-values, of metrics no rule judges, are descriptive" in text
+    assert "p (descriptive) 0.62" in text
+    assert "p (descriptive) 1" in text
+    assert "p = 0.62" not in text
+    assert "p = 0.012" in text
+    assert writer_section.plain_text().count("p = ") == judged_groups
+    assert writer_section.plain_text().count("p (descriptive)") == 3 * judged_groups
+
+
+def test_finding_on_a_metric_outside_the_family_is_marked_descriptive(small):
+    results, arrays = small
+    results = copy.deepcopy(results)
+    results["statistics"] = {"family_size": 12, "tested_metrics": ["ece"]}
+    finding = results["findings"][0]
+
+    text = _Page(render_html(results, arrays)).plain_text()
+
+    assert finding["metric"] != "ece"
+    assert f"Corrected p (descriptive) {format_p(finding['p_value'])}" in text
+
+
+def test_forward_passes_are_broken_down_into_occlusion_and_curves(small):
+    results, arrays = small
+    results = copy.deepcopy(results)
+    results["dataset"]["n_audited"] = 10_000
+    results["method"].update(
+        n_windows=49,
+        forward_passes_per_image=50,
+        faithfulness_steps=8,
+        faithfulness_every=2,
+        forward_passes_total=10_000 * 50 + 5_000 * 18,
+    )
+
+    text = _Page(render_html(results, arrays)).plain_text()
+
+    assert "Occlusion passes per image 50 (49 windows and the unoccluded image)" in (
+        text
+    )
+    assert (
+        "Faithfulness passes per curve image 18 (deletion and insertion curves, "
+        "9 points each, on one image in 2)"
+    ) in text
+    assert (
+        "occlusion 500,000 (10,000 images × 50); "
+        "faithfulness curves 90,000 (5,000 images × 18)"
+    ) in text
+    assert "Forward passes in all 590,000" in text
