@@ -46,7 +46,7 @@ validate: setup
 	$(PY) -m audit.validation
 
 serve: setup
-	$(VENV)/bin/bentoml serve bento_service.service:MnistClassifier --port 3000
+	$(VENV)/bin/bentoml serve bento_service.service:MnistClassifier --host 127.0.0.1 --port 3000
 
 build: setup
 	$(VENV)/bin/bentoml build

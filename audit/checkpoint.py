@@ -112,6 +112,10 @@ class Checkpoint:
         self.folder = Path(run_dir) / CHECKPOINT_DIR
         self.fingerprint = fingerprint
 
+    def exists(self) -> bool:
+        """Whether a resumable checkpoint is there."""
+        return (self.folder / PROGRESS_FILE).is_file()
+
     def load(self) -> tuple[set[int], dict | None, dict]:
         """``(finished chunk ids, accumulator state or None, extra)``."""
         progress_path = self.folder / PROGRESS_FILE

@@ -183,11 +183,11 @@ def _run(args) -> int:
 
     from .checkpoint import RunLockedError
     from .findings import exit_code
-    from .runner import run_audit
+    from .runner import SetupError, run_audit
 
     try:
         outcome = run_audit(config, quiet=args.quiet)
-    except RunLockedError as e:
+    except (RunLockedError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - the job's log gets the traceback
@@ -201,7 +201,8 @@ def _run(args) -> int:
     print(
         f"verdict {results['verdict'].upper()}: {counts.get('high', 0)} high, "
         f"{counts.get('medium', 0)} medium, {counts.get('low', 0)} low findings; "
-        f"{results['dataset']['n_audited']} images, "
+        f"{results['dataset']['n_audited']} images audited, "
+        f"{results['dataset']['n_skipped']} skipped, "
         f"{len(results['slices'])} slices, {outcome.elapsed_seconds:.1f} s; "
         f"report {outcome.report_path}"
     )

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .analysis import StatisticsSettings
 from .findings import FindingRule, default_rules
@@ -30,6 +37,14 @@ class _Strict(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _square(value):
+    """``6`` means ``(6, 6)`` for window and stride, as on the command line."""
+    return (value, value) if isinstance(value, int) else value
+
+
+Size = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_square)]
 
 
 class DatasetConfig(_Strict):
@@ -62,8 +77,8 @@ class DatasetConfig(_Strict):
 class OcclusionConfig(_Strict):
     """Windows, baseline and target of the occlusion (see audit.occlusion)."""
 
-    window: tuple[PositiveInt, PositiveInt] = (6, 6)
-    stride: tuple[PositiveInt, PositiveInt] = (4, 4)
+    window: Size = (6, 6)
+    stride: Size = (4, 4)
     baseline: Literal["constant", "image_mean", "blur", "dataset_mean"] = "constant"
     baseline_value: float = 0.0
     target: Literal["predicted", "label"] = "predicted"

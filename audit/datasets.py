@@ -40,6 +40,7 @@ MNIST_MISSING = (
 )
 WRITER_GROUP_COLUMN = "writer_group"
 MANIFEST_REQUIRED = ("path", "label")
+MAX_REFUSED_SHOWN = 10
 
 
 class DatasetError(ValueError):
@@ -293,11 +294,19 @@ def _label_indices(labels: pd.Series, class_names: list[str], source) -> np.ndar
     for i, value in enumerate(labels.astype(str)):
         if value not in names:
             raise DatasetError(
-                f"{source}: row {i} has label {value!r}, which is not a class of the "
+                f"{source}: {_where(source, i)} has label {value!r}, which is not a "
+                "class of the "
                 f"model ({class_names}); fix the manifest or the class list"
             )
         out[i] = names[value]
     return out
+
+
+def _where(manifest: Path, row: int) -> str:
+    """Where a manifest row is, as a person finds it in the file."""
+    if Path(manifest).suffix.lower() in (".parquet", ".pq"):
+        return f"row {row}"
+    return f"line {row + 2}"
 
 
 def _inside_root(root: Path, relative: str) -> Path | None:
@@ -349,20 +358,26 @@ def manifest_dataset(
     table = read_manifest(manifest)
     table["label"] = _label_indices(table["label"], class_names, manifest)
 
-    resolved = []
+    resolved, refused = [], []
     for i, relative in enumerate(table["path"]):
         if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
-            raise DatasetError(
-                f"{manifest}: row {i} has path {relative!r}; every row needs the "
-                "relative path of an image file"
+            refused.append(
+                f"{_where(manifest, i)}: path {relative!r} is empty or invalid"
             )
+            continue
         inside = _inside_root(root, relative)
         if inside is None:
-            raise DatasetError(
-                f"{manifest}: row {i} path {relative!r} leaves the image root {root}; "
-                "manifest paths must be relative and stay inside it"
-            )
+            refused.append(f"{_where(manifest, i)}: path {relative!r} leaves the root")
+            continue
         resolved.append(inside)
+    if refused:
+        shown = "\n  ".join(refused[:MAX_REFUSED_SHOWN])
+        more = len(refused) - MAX_REFUSED_SHOWN
+        raise DatasetError(
+            f"manifest {manifest} has {len(refused)} unusable path(s); paths must "
+            f"be relative to the image root {root} and stay inside it:\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
 
     def loader(rows):
         kept, images, skipped = [], [], {}
@@ -372,13 +387,13 @@ def manifest_dataset(
                 images.append(_read_image(path, image_shape))
                 kept.append(int(r))
             except FileNotFoundError:
-                skipped[int(r)] = f"image file {table['path'].iloc[r]!r} is missing"
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                skipped[int(r)] = (
-                    f"image file {table['path'].iloc[r]!r} is unreadable: {e}"
-                )
+                skipped[int(r)] = "image file is missing"
+            except UnidentifiedImageError:
+                skipped[int(r)] = "image file is unreadable: not a known image format"
+            except (OSError, SyntaxError) as e:
+                skipped[int(r)] = f"image file is unreadable: {e}"
             except ValueError as e:
-                skipped[int(r)] = f"image file {table['path'].iloc[r]!r}: {e}"
+                skipped[int(r)] = str(e)
         empty = np.zeros((0, *image_shape), np.float32)
         return LoadedImages(
             np.asarray(kept, np.int64), np.stack(images) if images else empty, skipped

@@ -30,18 +30,27 @@ from .analysis import analyze
 from .backends import load_backend
 from .checkpoint import Checkpoint, remove_stale_temp_files, run_lock
 from .config import AuditConfig, config_dict
+from .datasets import DatasetError
 from .faithfulness import deletion_insertion
 from .morphometry import SHAPE_ATTRIBUTES, measure_dataset
-from .occlusion import OcclusionSettings, WindowGrid, explain
+from .occlusion import OcclusionError, OcclusionSettings, WindowGrid, explain
 from .slices import SliceSet, SliceSettings
 
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_SKIPS = 200
+RESULTS_FILE = "results.json"
 
 
 class AuditError(RuntimeError):
     """A run that cannot go on; the message says what was wrong."""
+
+
+class SetupError(AuditError):
+    """The run's inputs cannot be used (data, settings, run folder); nothing ran."""
+
+
+SETUP_ERRORS = (DatasetError, OcclusionError, ValueError, FileNotFoundError)
 
 
 @dataclass
@@ -241,7 +250,7 @@ class _Progress:
     """A tqdm bar on a terminal, INFO lines otherwise."""
 
     def __init__(self, total: int, done: int, quiet: bool):
-        self.total, self.done = total, done
+        self.total, self.done, self.resumed = total, done, done
         self.bar = None
         self.started = time.perf_counter()
         if not quiet and sys.stderr.isatty():
@@ -254,7 +263,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(n)
         else:
-            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            rate = (self.done - self.resumed) / elapsed
             logger.info(
                 "audited %d of %d images (%.0f img/s)", self.done, self.total, rate
             )
@@ -271,35 +281,50 @@ def run_audit(config: AuditConfig, *, quiet: bool = False) -> RunOutcome:
 
     backend = open_backend(config)
     try:
-        dataset = open_dataset(config, backend.class_names, backend.input_shape)
-        check_compatible(dataset, backend)
+        try:
+            dataset = open_dataset(config, backend.class_names, backend.input_shape)
+            check_compatible(dataset, backend)
+            prepared = _prepare(config, backend, dataset)
+        except SetupError:
+            raise
+        except (AuditError, *SETUP_ERRORS) as e:
+            raise SetupError(str(e)) from e
         run_id = config.run_id or (
             f"{started_at:%Y%m%d-%H%M%S}-{dataset.name.replace('[', '-').rstrip(']')}"
         )
         run_dir = Path(config.output) / run_id
         with run_lock(run_dir):
             remove_stale_temp_files(run_dir)
+            checkpoint = Checkpoint(run_dir, run_fingerprint(config, dataset, backend))
+            if (run_dir / RESULTS_FILE).is_file() and not checkpoint.exists():
+                raise SetupError(
+                    f"run folder {run_dir} holds a finished run; choose another "
+                    "--run-id, or delete the folder to run it again"
+                )
             return _run_locked(
-                config, backend, dataset, run_dir, started_at, clock, quiet
+                config, backend, prepared, checkpoint, started_at, clock, quiet
             )
     finally:
         backend.close()
 
 
-def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
-    settings = occlusion_settings(config)
-    logger.info(
-        "auditing %d images of %s with %s into %s",
-        len(dataset),
-        dataset.name,
-        backend.description.get("tag", config.model),
-        run_dir,
-    )
+@dataclass
+class _Prepared:
+    """What a run needs before its first chunk, checked before any file is written."""
 
+    dataset: datasets.Dataset
+    slicing: SliceSettings
+    slice_set: SliceSet
+    grid: WindowGrid
+    plan: AuditPlan
+
+
+def _prepare(config: AuditConfig, backend, dataset) -> _Prepared:
+    settings = occlusion_settings(config)
+    grid = WindowGrid(dataset.image_shape[:2], settings.window, settings.stride)
     slicing = config.slices or default_slices(dataset)
     derived = measure_dataset(dataset, slicing.derived) if slicing.derived else None
     slice_set = SliceSet.build(dataset.table, slicing, derived)
-    grid = WindowGrid(dataset.image_shape[:2], settings.window, settings.stride)
     regions = {
         name: load_region_mask(path, dataset.image_shape)
         for name, path in config.regions.items()
@@ -320,9 +345,27 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
         faithfulness_steps=faithful.steps if faithful.enabled else None,
         faithfulness_every=faithful.every,
     )
+    return _Prepared(dataset, slicing, slice_set, grid, plan)
 
-    checkpoint = Checkpoint(run_dir, run_fingerprint(config, dataset, backend))
+
+def _run_locked(config, backend, prepared, checkpoint, started_at, clock, quiet):
+    dataset, slice_set, grid, plan = (
+        prepared.dataset,
+        prepared.slice_set,
+        prepared.grid,
+        prepared.plan,
+    )
+    run_dir = checkpoint.folder.parent
+    logger.info(
+        "auditing %d images of %s with %s into %s",
+        len(dataset),
+        dataset.name,
+        backend.description.get("tag", config.model),
+        run_dir,
+    )
+
     done, state, extra = checkpoint.load()
+    spec = plan.accumulator_spec
     merged = AuditAccumulator.from_state(state) if state else AuditAccumulator(**spec)
     skipped = {int(k): v for k, v in extra.get("skipped", {}).items()}
     passes = int(extra.get("forward_passes", 0))
@@ -360,7 +403,16 @@ def _run_locked(config, backend, dataset, run_dir, started_at, clock, quiet):
         progress.close()
 
     results, arrays = _assemble(
-        config, backend, dataset, slice_set, merged, grid, skipped, passes, plan
+        config,
+        backend,
+        dataset,
+        prepared.slicing,
+        slice_set,
+        merged,
+        grid,
+        skipped,
+        passes,
+        plan,
     )
     finished_at = datetime.now(UTC)
     results["run"] = {
@@ -402,7 +454,9 @@ def _execute(config, plan, backend, todo) -> Iterator[ChunkOutcome]:
             yield audit_chunk(plan, backend, chunk_id, rows, loaded)
 
 
-def _assemble(config, backend, dataset, slice_set, merged, grid, skipped, passes, plan):
+def _assemble(
+    config, backend, dataset, slicing, slice_set, merged, grid, skipped, passes, plan
+):
     """results.json body and the arrays the report draws."""
     results = analyze(merged, slice_set, config.statistics, config.rules)
     n_windows = int(np.prod(grid.shape))
@@ -444,6 +498,7 @@ def _assemble(config, backend, dataset, slice_set, merged, grid, skipped, passes
         "image_shape": list(dataset.image_shape),
     }
     results["config"] = config_dict(config)
+    results["config"]["slices"] = slicing.model_dump(mode="json")
 
     arrays = merged.mean_maps()
     arrays["examples"] = _examples(results, dataset, backend, plan)

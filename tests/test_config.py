@@ -22,6 +22,14 @@ def test_example_config_is_valid_and_matches_the_defaults():
     assert config.slices.columns == ["writer_group"]
 
 
+def test_a_single_number_means_a_square_window(tmp_path):
+    path = tmp_path / "square.yaml"
+    path.write_text("occlusion:\n  window: 5\n  stride: 3\n")
+    config = load_config(path)
+    assert config.occlusion.window == (5, 5)
+    assert config.occlusion.stride == (3, 3)
+
+
 def test_flags_override_the_file(tmp_path):
     config = load_config(
         EXAMPLE, {"occlusion": {"window": [4, 4]}, "fail_on": "medium"}

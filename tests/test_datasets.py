@@ -119,7 +119,7 @@ def test_manifest_loads_images_and_records_skips(tmp_path, image_root):
 @pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "sub/../../x.png"])
 def test_manifest_paths_cannot_leave_the_image_root(tmp_path, image_root, bad):
     manifest = _manifest(tmp_path, {"path": ["a.png", bad], "label": [1, 2]})
-    with pytest.raises(DatasetError, match="leaves the image root"):
+    with pytest.raises(DatasetError, match="line 3: path .* leaves the root"):
         datasets.manifest_dataset(manifest, image_root, list("0123456789"), (28, 28, 1))
 
 
@@ -164,3 +164,15 @@ def test_nan_pixels_are_skipped_not_audited():
     loaded = ds.load(np.arange(3))
     assert list(loaded.rows) == [0, 2]
     assert "NaN" in loaded.skipped[1]
+
+
+def test_every_refused_path_is_listed_with_its_line(tmp_path, image_root):
+    paths = ["a.png", "../x.png", "/etc/passwd", "b.png", ""]
+    manifest = _manifest(tmp_path, {"path": paths, "label": [1] * 5})
+    with pytest.raises(DatasetError) as error:
+        datasets.manifest_dataset(manifest, image_root, list("0123456789"), (28, 28, 1))
+    message = str(error.value)
+    assert "3 unusable path(s)" in message
+    assert "line 3: path '../x.png'" in message
+    assert "line 4: path '/etc/passwd'" in message
+    assert "line 6:" in message

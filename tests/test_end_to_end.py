@@ -251,3 +251,27 @@ def test_other_output_spaces_run_end_to_end(model_file, tmp_path, output):
     assert results["method"]["output"] == output
     assert results["method"]["baseline"] == "blur"
     assert results["dataset"]["n_audited"] == 40
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--window", "40"], "no larger than the image"),
+        (["--slices", "nosuch"], "nosuch"),
+    ],
+)
+def test_unusable_settings_exit_2_and_leave_no_run_folder(
+    model_file, tmp_path, capsys, extra, words
+):
+    assert main([*_run_args(model_file, tmp_path, "bad"), *extra]) == EXIT_USAGE
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_finished_run_is_not_overwritten(finished_run, model_file, capsys):
+    _, run_dir = finished_run
+    before = (run_dir / "results.json").read_bytes()
+    args = _run_args(model_file, run_dir.parent, run_dir.name)
+    assert main([*args, "--limit", "10"]) == EXIT_USAGE
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (run_dir / "results.json").read_bytes() == before
