@@ -1,11 +1,12 @@
 """One audit run, start to finish: chunks, checkpoints, statistics, report.
 
 The dataset is cut into chunks of ``chunk_size`` rows. Each chunk is explained
-by occlusion and folded into an :class:`AuditAccumulator`; after every chunk
-the merged statistics are checkpointed atomically, so a killed run started
-again with the same run id continues where it stopped. Chunks are merged in
-chunk order whatever order they finish in, so a resumed or distributed run
-gives the same numbers as an uninterrupted local one.
+by occlusion and folded into an :class:`AuditAccumulator`; the merged
+statistics are checkpointed atomically (at most every ``checkpoint_seconds``),
+so a killed run started again with the same run id continues where it
+stopped. Chunks are merged in chunk order whatever order they finish in, so a
+resumed or distributed run gives the same numbers as an uninterrupted local
+one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -349,12 +351,7 @@ def _prepare(config: AuditConfig, backend, dataset) -> _Prepared:
 
 
 def _run_locked(config, backend, prepared, checkpoint, started_at, clock, quiet):
-    dataset, slice_set, grid, plan = (
-        prepared.dataset,
-        prepared.slice_set,
-        prepared.grid,
-        prepared.plan,
-    )
+    dataset, plan = prepared.dataset, prepared.plan
     run_dir = checkpoint.folder.parent
     logger.info(
         "auditing %d images of %s with %s into %s",
@@ -402,18 +399,7 @@ def _run_locked(config, backend, prepared, checkpoint, started_at, clock, quiet)
     finally:
         progress.close()
 
-    results, arrays = _assemble(
-        config,
-        backend,
-        dataset,
-        prepared.slicing,
-        slice_set,
-        merged,
-        grid,
-        skipped,
-        passes,
-        plan,
-    )
+    results, arrays = _assemble(config, backend, prepared, merged, skipped, passes)
     finished_at = datetime.now(UTC)
     results["run"] = {
         "id": run_dir.name,
@@ -454,11 +440,10 @@ def _execute(config, plan, backend, todo) -> Iterator[ChunkOutcome]:
             yield audit_chunk(plan, backend, chunk_id, rows, loaded)
 
 
-def _assemble(
-    config, backend, dataset, slicing, slice_set, merged, grid, skipped, passes, plan
-):
+def _assemble(config, backend, prepared: _Prepared, merged, skipped, passes):
     """results.json body and the arrays the report draws."""
-    results = analyze(merged, slice_set, config.statistics, config.rules)
+    dataset, grid = prepared.dataset, prepared.grid
+    results = analyze(merged, prepared.slice_set, config.statistics, config.rules)
     n_windows = int(np.prod(grid.shape))
     occ = config.occlusion
     results["method"] = {
@@ -479,9 +464,6 @@ def _assemble(
         "faithfulness_every": config.faithfulness.every,
     }
     results["model"] = {"source": config.model, **backend.description}
-    reasons: dict[str, int] = {}
-    for why in skipped.values():
-        reasons[why] = reasons.get(why, 0) + 1
     ids = dataset.table["id"].astype(str).to_numpy()
     results["dataset"] = {
         "name": dataset.name,
@@ -492,16 +474,16 @@ def _assemble(
             {"id": ids[r], "reason": why}
             for r, why in sorted(skipped.items())[:MAX_LISTED_SKIPS]
         ],
-        "skip_reasons": reasons,
+        "skip_reasons": dict(Counter(skipped.values())),
         "fingerprint": dataset.fingerprint,
         "class_names": list(backend.class_names),
         "image_shape": list(dataset.image_shape),
     }
     results["config"] = config_dict(config)
-    results["config"]["slices"] = slicing.model_dump(mode="json")
+    results["config"]["slices"] = prepared.slicing.model_dump(mode="json")
 
     arrays = merged.mean_maps()
-    arrays["examples"] = _examples(results, dataset, backend, plan)
+    arrays["examples"] = _examples(results, dataset, backend, prepared.plan)
     return results, arrays
 
 

@@ -46,8 +46,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +66,6 @@ logger = logging.getLogger("bench")
 
 MODEL_TAG = "mnist_cnn:latest"
 WINDOW, STRIDE = 6, 4
-SERVICE = "bento_service.service:MnistClassifier"
 PEERS_DIR = REPO / ".venv" / "bench-peers"
 PEER_REQUIREMENTS = [
     "tf-explain==0.3.1",
@@ -186,71 +183,15 @@ def measure_in_process(backend, images, labels, repeats: int = 7) -> dict:
 # -------------------------------------------------------------------- HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def bentoml_serve(log_path: Path, timeout: float = 180.0):
     """``bentoml serve`` of the service on a free loopback port; yields
-    ``(url, pid)`` of the serving process.
-
-    The server runs in its own process group, stopped (TERM, then KILL) on exit.
+    ``(url, pid)`` of the serving process (see ``load_test.serving_process``).
     """
-    import httpx
+    from load_test import serving_process
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).with_name("bentoml")),
-        "serve",
-        SERVICE,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(
-                    f"bentoml serve exited with code {process.returncode} before it "
-                    f"was ready; its log ends:\n{tail}"
-                )
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url}/readyz not ready within {timeout:.0f} s")
-            time.sleep(0.25)
+    with serving_process(log=log_path, timeout=timeout) as (url, process):
         yield url, process.pid
-    finally:
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if process.poll() is not None:
-                break
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(grace)
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
 
 
 def _tree_cpu_seconds(pid: int) -> float:

@@ -103,18 +103,19 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 @contextmanager
-def served(
+def serving_process(
     env: Mapping[str, str] | None = None,
     *,
     port: int | None = None,
     log: Path | None = None,
     timeout: float = 120.0,
-) -> Iterator[str]:
-    """Run ``bentoml serve`` on loopback for the ``with`` block; yields its URL.
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``bentoml serve`` on loopback for the ``with`` block.
 
-    ``env`` is the server's whole environment (default: this process's).
-    Output goes to ``log`` (default: discarded). The server runs in its own
-    process group, which is stopped on exit however the block ends.
+    Yields ``(url, process)``; the process is the root of the server's own
+    process group (for CPU accounting), which is stopped on exit however the
+    block ends. ``env`` is the server's whole environment (default: this
+    process's); output goes to ``log`` (default: discarded).
     """
     port = port or free_port()
     url = f"http://{HOST}:{port}"
@@ -133,9 +134,22 @@ def served(
         )
         try:
             wait_ready(url, process, timeout, log)
-            yield url
+            yield url, process
         finally:
             stop(process)
+
+
+@contextmanager
+def served(
+    env: Mapping[str, str] | None = None,
+    *,
+    port: int | None = None,
+    log: Path | None = None,
+    timeout: float = 120.0,
+) -> Iterator[str]:
+    """:func:`serving_process` yielding only the server's URL."""
+    with serving_process(env, port=port, log=log, timeout=timeout) as (url, _):
+        yield url
 
 
 # -------------------------------------------------------------------- load
