@@ -41,6 +41,7 @@ from .slices import SliceSet, SliceSettings
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_SKIPS = 200
+MEAN_IMAGE_CHUNK = 4096
 RESULTS_FILE = "results.json"
 
 
@@ -346,8 +347,24 @@ def _prepare(config: AuditConfig, backend, dataset) -> _Prepared:
         accumulator_spec=spec,
         faithfulness_steps=faithful.steps if faithful.enabled else None,
         faithfulness_every=faithful.every,
+        dataset_mean=mean_image(dataset)
+        if settings.baseline == "dataset_mean"
+        else None,
     )
     return _Prepared(dataset, slicing, slice_set, grid, plan)
+
+
+def mean_image(dataset: datasets.Dataset) -> np.ndarray:
+    """The mean ``(H, W, C)`` image of the dataset's loadable images (float64 sum)."""
+    total = np.zeros(dataset.image_shape, np.float64)
+    count = 0
+    for rows in chunk_rows(len(dataset), MEAN_IMAGE_CHUNK):
+        images = dataset.load(rows).images
+        total += images.sum(axis=0, dtype=np.float64)
+        count += len(images)
+    if count == 0:
+        raise DatasetError(f"dataset {dataset.name} has no loadable image to average")
+    return (total / count).astype(np.float32)
 
 
 def _run_locked(config, backend, prepared, checkpoint, started_at, clock, quiet):
@@ -497,7 +514,9 @@ def _examples(results, dataset, backend, plan) -> list[dict]:
     if len(loaded.rows) == 0:
         return []
     labels = dataset.labels[loaded.rows]
-    result = explain(backend, loaded.images, labels, plan.settings)
+    result = explain(
+        backend, loaded.images, labels, plan.settings, dataset_mean=plan.dataset_mean
+    )
     where = {int(r): i for i, r in enumerate(loaded.rows)}
     ids = dataset.table["id"].astype(str).to_numpy()
     examples = []

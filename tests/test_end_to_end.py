@@ -275,3 +275,24 @@ def test_a_finished_run_is_not_overwritten(finished_run, model_file, capsys):
     assert main([*args, "--limit", "10"]) == EXIT_USAGE
     assert "holds a finished run" in capsys.readouterr().err
     assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_dataset_mean_baseline(model_file, tmp_path):
+    config = tmp_path / "audit.yaml"
+    config.write_text("occlusion:\n  baseline: dataset_mean\n")
+    args = _run_args(model_file, tmp_path, "mean", "--config", str(config))
+    assert main([*args, "--limit", "40"]) == 0
+    results = json.loads((tmp_path / "mean" / "results.json").read_text())
+    assert results["method"]["baseline"] == "dataset_mean"
+    assert results["dataset"]["n_audited"] == 40
+
+
+def test_mean_image_is_the_average_of_loadable_images():
+    import numpy as np
+
+    from audit.datasets import array_dataset
+    from audit.runner import mean_image
+
+    images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (0.2, 0.4, np.nan)])
+    dataset = array_dataset("tiny", images, [0, 1, 0], ["a", "b"])
+    np.testing.assert_allclose(mean_image(dataset), np.full((2, 3, 1), 0.3), rtol=1e-6)
