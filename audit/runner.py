@@ -163,7 +163,7 @@ def chunk_rows(n: int, chunk_size: int) -> list[np.ndarray]:
 def run_fingerprint(config: AuditConfig, dataset, backend) -> str:
     """What must match for a checkpoint to be resumed from."""
     settings = config_dict(config)
-    for key in ("output", "run_id", "dask", "endpoint"):
+    for key in ("output", "run_id", "dask", "endpoint", "checkpoint_seconds"):
         settings.pop(key, None)
     identity = {
         "config": settings,

@@ -296,3 +296,18 @@ def test_mean_image_is_the_average_of_loadable_images():
     images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (0.2, 0.4, np.nan)])
     dataset = array_dataset("tiny", images, [0, 1, 0], ["a", "b"])
     np.testing.assert_allclose(mean_image(dataset), np.full((2, 3, 1), 0.3), rtol=1e-6)
+
+
+def test_execution_settings_do_not_block_a_resume(mnist_test_dataset):
+    from types import SimpleNamespace
+
+    from audit.config import load_config
+    from audit.runner import run_fingerprint
+
+    backend = SimpleNamespace(description={"tag": "m:1"})
+    base = load_config(overrides={"checkpoint_seconds": 30, "output": "a"})
+    other = load_config(overrides={"checkpoint_seconds": 0, "output": "b"})
+    changed = load_config(overrides={"chunk_size": 100})
+    fingerprint = run_fingerprint(base, mnist_test_dataset, backend)
+    assert run_fingerprint(other, mnist_test_dataset, backend) == fingerprint
+    assert run_fingerprint(changed, mnist_test_dataset, backend) != fingerprint
