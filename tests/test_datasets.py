@@ -176,3 +176,21 @@ def test_every_refused_path_is_listed_with_its_line(tmp_path, image_root):
     assert "line 3: path '../x.png'" in message
     assert "line 4: path '/etc/passwd'" in message
     assert "line 6:" in message
+
+
+def test_grayscale_images_for_an_rgb_model_and_truncated_files(tmp_path, image_root):
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(buffer, format="PNG")
+    (image_root / "cut.png").write_bytes(buffer.getvalue()[:-30])
+    manifest = _manifest(tmp_path, {"path": ["a.png", "cut.png"], "label": [1, 2]})
+    ds = datasets.manifest_dataset(
+        manifest, image_root, list("0123456789"), (28, 28, 3)
+    )
+    loaded = ds.load(np.arange(2))
+    assert list(loaded.rows) == [0]
+    assert loaded.images.shape == (1, 28, 28, 3)
+    # A grayscale image is replicated into the three channels.
+    np.testing.assert_array_equal(loaded.images[0, ..., 0], loaded.images[0, ..., 2])
+    assert "unreadable" in loaded.skipped[1]
