@@ -24,6 +24,7 @@ from test_occlusion import (
     naive_explain,
     occlusion_cases,
 )
+from tiny_models import mean_model
 
 from audit.backends import (
     BackendError,
@@ -201,11 +202,6 @@ def server():
     running = ModelServer()
     yield running
     running.close()
-
-
-def mean_model(x):
-    m = x.mean(axis=(1, 2, 3), dtype=np.float64)
-    return np.stack([1 - m, m], axis=1)
 
 
 def closed_port_url() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_models import mean_backend
 
 from audit.backends import load_backend
 from audit.faithfulness import (
@@ -15,20 +16,6 @@ from audit.faithfulness import (
 from audit.occlusion import OcclusionError, OcclusionSettings, explain
 
 BATCH_SIZES = (1, 2, 7, 4096)
-
-
-def mean_model(x):
-    m = x.mean(axis=(1, 2, 3), dtype=np.float64)
-    return np.stack([1 - m, m], axis=1)
-
-
-def mean_backend(shape):
-    return load_backend(
-        mean_model,
-        input_shape=shape,
-        class_names=["dark", "bright"],
-        value_range=(0, 1),
-    )
 
 
 # A 2x2 image whose map ranks its pixels by brightness: 1, 0.5, then the zeros

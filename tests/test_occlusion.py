@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
+from tiny_models import mean_backend, mean_model
 
 from audit.backends import ModelOutputError, load_backend
 from audit.occlusion import (
@@ -142,21 +143,6 @@ def assert_matches_reference(result, expected, n_images):
 
 
 # ----------------------------------------------------------- tiny models
-
-
-def mean_model(x):
-    """Two classes; p(class 1) is the mean pixel value (so inputs in [0, 1])."""
-    m = x.mean(axis=(1, 2, 3), dtype=np.float64)
-    return np.stack([1 - m, m], axis=1)
-
-
-def mean_backend(shape):
-    return load_backend(
-        mean_model,
-        input_shape=shape,
-        class_names=["dark", "bright"],
-        value_range=(0, 1),
-    )
 
 
 def sum_logits(x):
